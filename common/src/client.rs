@@ -1,0 +1,267 @@
+//! The protocol client: one TLS connection to a receiver, used for many
+//! datasets. The sender's workers use it, and so do the end-to-end tests
+//! that drive a receiver step by step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::naming::RelPath;
+use crate::protocol::{
+    Connection, Message, PlaceFailure, ProtocolError, WireSnap, DATA_CHUNK, PROTOCOL_VERSION,
+};
+use crate::tls::explain_client_error;
+use crate::zfs::Snapshot;
+
+pub type TlsConnection = Connection<TlsStream<TcpStream>>;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach the receiver at {addr}: {source} (is zfsync-recv running there, and is the port right?)")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr} timed out after {after:?} (is a firewall in the way?)")]
+    ConnectTimeout { addr: String, after: Duration },
+    #[error("{0}")]
+    Tls(String),
+    #[error("invalid server name {0:?}: pass --server-name with the name in the receiver's certificate")]
+    ServerName(String),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("the receiver refused: {0}")]
+    Refused(String),
+    #[error("reading the `zfs send` stream: {0}")]
+    Source(std::io::Error),
+    #[error("the receiver could not store the stream: {0}")]
+    StreamFailed(String),
+    #[error("protocol version mismatch: this sender speaks {ours}, the receiver {theirs}; install the same zfsync version on both")]
+    Version { ours: u32, theirs: u32 },
+}
+
+impl ClientError {
+    /// Did the connection itself fail (so it cannot be used again)?
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Protocol(
+                ProtocolError::Io(_)
+                    | ProtocolError::Closed
+                    | ProtocolError::Timeout(_)
+                    | ProtocolError::BadFrame(_)
+                    | ProtocolError::Unexpected { .. }
+                    | ProtocolError::Peer(_)
+            )
+        )
+    }
+}
+
+/// Where to connect and how.
+#[derive(Clone)]
+pub struct ClientOptions {
+    pub host: String,
+    pub port: u16,
+    /// The name the receiver's certificate must carry.
+    pub server_name: String,
+    pub tls: Arc<ClientConfig>,
+    /// The same for all connections of one run.
+    pub run_id: String,
+    pub connect_timeout: Duration,
+    /// Longest wait for the receiver's next frame (it may be finishing a
+    /// large `zfs receive`).
+    pub read_timeout: Duration,
+}
+
+pub struct Client {
+    conn: TlsConnection,
+}
+
+/// The receiver's answer to a sync request.
+pub type Reply = Message;
+
+impl Client {
+    pub async fn connect(opts: &ClientOptions) -> Result<Client, ClientError> {
+        let addr = format!("{}:{}", opts.host, opts.port);
+        let tcp = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| ClientError::ConnectTimeout {
+                addr: addr.clone(),
+                after: opts.connect_timeout,
+            })?
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(opts.server_name.clone())
+            .map_err(|_| ClientError::ServerName(opts.server_name.clone()))?;
+        let tls = tokio::time::timeout(
+            opts.connect_timeout,
+            TlsConnector::from(opts.tls.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| ClientError::ConnectTimeout {
+            addr: addr.clone(),
+            after: opts.connect_timeout,
+        })?
+        .map_err(|e| ClientError::Tls(explain_client_error(&e, &opts.server_name)))?;
+        let conn = Connection::new(tls, opts.read_timeout, opts.read_timeout);
+        let mut client = Client { conn };
+        client
+            .conn
+            .send(Message::Hello {
+                version: PROTOCOL_VERSION,
+                run_id: opts.run_id.clone(),
+                software: format!("zfsync {}", env!("CARGO_PKG_VERSION")),
+            })
+            .await
+            .map_err(|e| tls_rejection(e, &opts.server_name))?;
+        match client.conn.read_msg().await {
+            Ok(Message::HelloOk { version, .. }) if version == PROTOCOL_VERSION => Ok(client),
+            Ok(Message::HelloOk { version, .. }) => Err(ClientError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            }),
+            Ok(other) => Err(unexpected(other, "hello_ok")),
+            Err(e) => Err(tls_rejection(e, &opts.server_name)),
+        }
+    }
+
+    /// The underlying connection, for tests that speak the protocol by hand.
+    pub fn connection(&mut self) -> &mut TlsConnection {
+        &mut self.conn
+    }
+
+    pub async fn sync(
+        &mut self,
+        path: &RelPath,
+        snapshots: &[Snapshot],
+        allow_full: bool,
+    ) -> Result<Reply, ClientError> {
+        self.conn
+            .send(Message::Sync {
+                path: path.as_str().to_string(),
+                snapshots: snapshots.iter().map(WireSnap::from).collect(),
+                allow_full,
+            })
+            .await?;
+        Ok(self.conn.read_msg().await?)
+    }
+
+    pub async fn begin_stream(
+        &mut self,
+        from_guid: Option<u64>,
+        to: &Snapshot,
+    ) -> Result<(), ClientError> {
+        Ok(self
+            .conn
+            .send(Message::Stream {
+                from_guid,
+                to: WireSnap::from(to),
+            })
+            .await?)
+    }
+
+    /// Copies `reader` to the receiver as data frames until EOF; returns
+    /// the byte count. `progress` is called with the running total.
+    pub async fn pump<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, ClientError> {
+        let mut total = 0u64;
+        loop {
+            let mut buf = BytesMut::with_capacity(DATA_CHUNK);
+            // Fill a whole chunk when the source is fast; send what there
+            // is when it is slow.
+            while buf.len() < DATA_CHUNK {
+                let n = reader.read_buf(&mut buf).await.map_err(ClientError::Source)?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() {
+                return Ok(total);
+            }
+            total += buf.len() as u64;
+            self.conn.send_data(buf.freeze()).await?;
+            progress(total);
+        }
+    }
+
+    /// Declares the stream whole; the receiver commits it and answers.
+    pub async fn end_stream(&mut self, bytes: u64) -> Result<u64, ClientError> {
+        self.conn.send(Message::End { bytes }).await?;
+        match self.conn.read_msg().await? {
+            Message::Received { bytes } => Ok(bytes),
+            Message::StreamFailed { reason } => Err(ClientError::StreamFailed(reason)),
+            other => Err(unexpected(other, "received")),
+        }
+    }
+
+    /// Tells the receiver the stream failed on this side: it must not be
+    /// committed.
+    pub async fn abort_stream(&mut self, reason: &str) -> Result<(), ClientError> {
+        self.conn
+            .send(Message::Abort {
+                reason: reason.to_string(),
+            })
+            .await?;
+        match self.conn.read_msg().await? {
+            Message::StreamFailed { .. } => Ok(()),
+            other => Err(unexpected(other, "stream_failed")),
+        }
+    }
+
+    /// Ends the dataset; returns (location on the receiver, buffered).
+    pub async fn finish(&mut self) -> Result<(String, bool), ClientError> {
+        self.conn.send(Message::Finish).await?;
+        match self.conn.read_msg().await? {
+            Message::Done { location, buffered } => Ok((location, buffered)),
+            Message::Refused { reason, .. } => Err(ClientError::Refused(reason)),
+            other => Err(unexpected(other, "done")),
+        }
+    }
+
+    pub async fn clean_buffer(&mut self) -> Result<(Vec<String>, Vec<PlaceFailure>), ClientError> {
+        self.conn.send(Message::CleanBuffer).await?;
+        match self.conn.read_msg().await? {
+            Message::CleanReport { placed, failed } => Ok((placed, failed)),
+            Message::Refused { reason, .. } => Err(ClientError::Refused(reason)),
+            other => Err(unexpected(other, "clean_report")),
+        }
+    }
+
+    pub async fn bye(mut self) {
+        let _ = self.conn.send(Message::Bye).await;
+    }
+}
+
+fn unexpected(got: Message, expected: &str) -> ClientError {
+    ClientError::Protocol(ProtocolError::Unexpected {
+        got: format!("message {}", got.name()),
+        expected: expected.to_string(),
+    })
+}
+
+/// With TLS 1.3 a rejected client certificate shows up on the first read
+/// or write after the handshake, not in the handshake itself.
+fn tls_rejection(e: ProtocolError, server_name: &str) -> ClientError {
+    match e {
+        ProtocolError::Io(io) => ClientError::Tls(explain_client_error(&io, server_name)),
+        ProtocolError::Closed => ClientError::Tls(
+            "the receiver closed the connection right after the TLS handshake: it rejected this sender's certificate (sign it with the CA the receiver trusts, its --ca) or its name is not in the receiver's --allow-client".to_string(),
+        ),
+        other => ClientError::Protocol(other),
+    }
+}

@@ -1,0 +1,9 @@
+//! zfsync's shared library: the wire protocol and its client, the `zfs`
+//! command-line layer, names, the planner and TLS set-up.
+
+pub mod client;
+pub mod naming;
+pub mod plan;
+pub mod protocol;
+pub mod tls;
+pub mod zfs;

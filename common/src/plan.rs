@@ -1,0 +1,387 @@
+//! The planner: pure functions that decide, from the sender's and the
+//! receiver's snapshot lists, what has to travel. No I/O here.
+//!
+//! Snapshots are matched by GUID (never by name alone) and ordered by
+//! createtxg. The receiver calls [`negotiate`]; the sender turns the answer
+//! into `zfs send` steps with [`steps`].
+
+use crate::zfs::Snapshot;
+
+/// What the receiver has at the place a dataset maps to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetState<'a> {
+    /// No such dataset, neither in place nor in the buffer.
+    Absent {
+        /// Does the parent exist in place? If not, the stream is buffered.
+        parent_present: bool,
+    },
+    /// The dataset exists (in place, or in the buffer) with these snapshots,
+    /// oldest first.
+    Present { snapshots: &'a [Snapshot] },
+}
+
+/// Why a dataset needs a full replacement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FullReason {
+    /// The target has snapshots, none of which the source has.
+    NoCommon { target: Vec<String> },
+    /// The target has snapshots newer than the newest common one.
+    Diverged { common: String, newer: Vec<String> },
+    /// The target dataset exists but has no snapshot at all.
+    TargetHasNoSnapshots,
+}
+
+impl std::fmt::Display for FullReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FullReason::NoCommon { target } => write!(
+                f,
+                "no common snapshot (the receiver has {}; the sender has none of them)",
+                list(target)
+            ),
+            FullReason::Diverged { common, newer } => write!(
+                f,
+                "the receiver has snapshots newer than the common snapshot @{common}: {}",
+                list(newer)
+            ),
+            FullReason::TargetHasNoSnapshots => {
+                write!(f, "the dataset exists on the receiver but has no snapshots")
+            }
+        }
+    }
+}
+
+fn list(names: &[String]) -> String {
+    const SHOW: usize = 8;
+    let mut s: Vec<String> = names.iter().take(SHOW).map(|n| format!("@{n}")).collect();
+    if names.len() > SHOW {
+        s.push(format!("and {} more", names.len() - SHOW));
+    }
+    s.join(", ")
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The source has no snapshots: nothing can be sent.
+    NoSnapshots,
+    /// The target's newest snapshot is the source's newest.
+    UpToDate { snapshot: String },
+    /// Send everything after `base_guid` up to the source's newest.
+    Incremental {
+        base_guid: u64,
+        /// How many snapshots will arrive.
+        count: usize,
+    },
+    /// The target has no such dataset; `buffered` says it goes to the
+    /// buffer because its parent is not there yet.
+    New { buffered: bool },
+    /// Only a full replacement can bring the target in line. `accepted`
+    /// when the sender asked for `--full`.
+    Full { reason: FullReason, accepted: bool },
+}
+
+/// Decides what to do for one dataset. `source` and the target's snapshots
+/// are oldest first.
+pub fn negotiate(source: &[Snapshot], target: &TargetState<'_>, allow_full: bool) -> Decision {
+    let Some(newest) = source.last() else {
+        return Decision::NoSnapshots;
+    };
+    let snapshots = match target {
+        TargetState::Absent { parent_present } => {
+            return Decision::New {
+                buffered: !parent_present,
+            }
+        }
+        TargetState::Present { snapshots } => *snapshots,
+    };
+    if snapshots.is_empty() {
+        return Decision::Full {
+            reason: FullReason::TargetHasNoSnapshots,
+            accepted: allow_full,
+        };
+    }
+    // Newest target snapshot whose GUID the source also has.
+    let common = snapshots
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, t)| source.iter().any(|s| s.guid == t.guid));
+    let Some((idx, common)) = common else {
+        return Decision::Full {
+            reason: FullReason::NoCommon {
+                target: snapshots.iter().map(|s| s.name.to_string()).collect(),
+            },
+            accepted: allow_full,
+        };
+    };
+    let newer = &snapshots[idx + 1..];
+    if !newer.is_empty() {
+        return Decision::Full {
+            reason: FullReason::Diverged {
+                common: common.name.to_string(),
+                newer: newer.iter().map(|s| s.name.to_string()).collect(),
+            },
+            accepted: allow_full,
+        };
+    }
+    if common.guid == newest.guid {
+        return Decision::UpToDate {
+            snapshot: newest.name.to_string(),
+        };
+    }
+    let pos = source
+        .iter()
+        .position(|s| s.guid == common.guid)
+        .unwrap_or(0);
+    Decision::Incremental {
+        base_guid: common.guid,
+        count: source.len() - pos - 1,
+    }
+}
+
+/// One `zfs send`: full when `from` is `None`, else `-I from to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step<'a> {
+    pub from: Option<&'a Snapshot>,
+    pub to: &'a Snapshot,
+}
+
+/// The sends that carry out a decision so that every source snapshot after
+/// the base arrives: a full send of the oldest, then `-I` to the newest.
+/// Empty when nothing is to be sent (or the base is unknown to the source,
+/// which negotiate never answers).
+pub fn steps<'a>(source: &'a [Snapshot], decision: &Decision) -> Vec<Step<'a>> {
+    let (Some(oldest), Some(newest)) = (source.first(), source.last()) else {
+        return Vec::new();
+    };
+    let from_scratch = || {
+        let mut v = vec![Step {
+            from: None,
+            to: oldest,
+        }];
+        if oldest.guid != newest.guid {
+            v.push(Step {
+                from: Some(oldest),
+                to: newest,
+            });
+        }
+        v
+    };
+    match decision {
+        Decision::New { .. } => from_scratch(),
+        Decision::Full { accepted: true, .. } => from_scratch(),
+        Decision::Incremental { base_guid, .. } => {
+            match source.iter().find(|s| s.guid == *base_guid) {
+                Some(base) if base.guid != newest.guid => vec![Step {
+                    from: Some(base),
+                    to: newest,
+                }],
+                _ => Vec::new(),
+            }
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::naming::SnapName;
+
+    fn s(name: &str, guid: u64, txg: u64) -> Snapshot {
+        Snapshot {
+            name: SnapName::new(name).unwrap(),
+            guid,
+            createtxg: txg,
+        }
+    }
+
+    fn src() -> Vec<Snapshot> {
+        vec![s("a", 1, 10), s("b", 2, 20), s("c", 3, 30)]
+    }
+
+    #[test]
+    fn negotiate_table() {
+        let source = src();
+        let renamed = vec![s("x", 2, 20)];
+        let all = src();
+        let first = vec![s("a", 1, 10)];
+        let alien = vec![s("a", 99, 10)];
+        let diverged = vec![s("a", 1, 10), s("mine", 50, 25)];
+        let none: Vec<Snapshot> = Vec::new();
+        let table: Vec<(&str, &[Snapshot], TargetState, bool, Decision)> = vec![
+            (
+                "absent, parent there",
+                &source,
+                TargetState::Absent {
+                    parent_present: true,
+                },
+                false,
+                Decision::New { buffered: false },
+            ),
+            (
+                "absent, parent missing -> buffer",
+                &source,
+                TargetState::Absent {
+                    parent_present: false,
+                },
+                false,
+                Decision::New { buffered: true },
+            ),
+            (
+                "up to date",
+                &source,
+                TargetState::Present { snapshots: &all },
+                false,
+                Decision::UpToDate {
+                    snapshot: "c".into(),
+                },
+            ),
+            (
+                "incremental from the oldest",
+                &source,
+                TargetState::Present { snapshots: &first },
+                false,
+                Decision::Incremental {
+                    base_guid: 1,
+                    count: 2,
+                },
+            ),
+            (
+                "matched by guid, not by name",
+                &source,
+                TargetState::Present {
+                    snapshots: &renamed,
+                },
+                false,
+                Decision::Incremental {
+                    base_guid: 2,
+                    count: 1,
+                },
+            ),
+            (
+                "same name, other guid: no common",
+                &source,
+                TargetState::Present { snapshots: &alien },
+                false,
+                Decision::Full {
+                    reason: FullReason::NoCommon {
+                        target: vec!["a".into()],
+                    },
+                    accepted: false,
+                },
+            ),
+            (
+                "diverged",
+                &source,
+                TargetState::Present {
+                    snapshots: &diverged,
+                },
+                true,
+                Decision::Full {
+                    reason: FullReason::Diverged {
+                        common: "a".into(),
+                        newer: vec!["mine".into()],
+                    },
+                    accepted: true,
+                },
+            ),
+            (
+                "target without snapshots",
+                &source,
+                TargetState::Present { snapshots: &none },
+                false,
+                Decision::Full {
+                    reason: FullReason::TargetHasNoSnapshots,
+                    accepted: false,
+                },
+            ),
+            (
+                "source without snapshots is never full",
+                &none,
+                TargetState::Present { snapshots: &alien },
+                true,
+                Decision::NoSnapshots,
+            ),
+        ];
+        for (what, source, target, full, want) in table {
+            assert_eq!(negotiate(source, &target, full), want, "{what}");
+        }
+    }
+
+    fn names(steps: &[Step]) -> Vec<(Option<String>, String)> {
+        steps
+            .iter()
+            .map(|st| {
+                (
+                    st.from.map(|f| f.name.to_string()),
+                    st.to.name.to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn steps_table() {
+        let source = src();
+        let one = vec![s("a", 1, 10)];
+        let full_accepted = Decision::Full {
+            reason: FullReason::TargetHasNoSnapshots,
+            accepted: true,
+        };
+        let full_refused = Decision::Full {
+            reason: FullReason::TargetHasNoSnapshots,
+            accepted: false,
+        };
+        let table: Vec<(&[Snapshot], Decision, Vec<(Option<String>, String)>)> = vec![
+            (
+                &source,
+                Decision::New { buffered: false },
+                vec![(None, "a".into()), (Some("a".into()), "c".into())],
+            ),
+            (&one, Decision::New { buffered: true }, vec![(None, "a".into())]),
+            (
+                &source,
+                full_accepted,
+                vec![(None, "a".into()), (Some("a".into()), "c".into())],
+            ),
+            (&source, full_refused, vec![]),
+            (
+                &source,
+                Decision::Incremental {
+                    base_guid: 2,
+                    count: 1,
+                },
+                vec![(Some("b".into()), "c".into())],
+            ),
+            (
+                &source,
+                Decision::Incremental {
+                    base_guid: 77,
+                    count: 1,
+                },
+                vec![],
+            ),
+            (
+                &source,
+                Decision::UpToDate {
+                    snapshot: "c".into(),
+                },
+                vec![],
+            ),
+            (&source, Decision::NoSnapshots, vec![]),
+        ];
+        for (source, decision, want) in table {
+            assert_eq!(names(&steps(source, &decision)), want, "{decision:?}");
+        }
+    }
+
+    #[test]
+    fn full_reason_lists_snapshots() {
+        let r = FullReason::NoCommon {
+            target: (0..10).map(|i| format!("s{i}")).collect(),
+        };
+        let m = r.to_string();
+        assert!(m.contains("@s0") && m.contains("and 2 more"), "{m}");
+    }
+}

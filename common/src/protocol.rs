@@ -1,0 +1,470 @@
+//! The wire protocol: frames, typed messages and a [`Connection`] that reads
+//! and writes them with timeouts.
+//!
+//! A frame is a 4-byte big-endian length (tokio-util's length-delimited
+//! codec, bounded by [`MAX_FRAME`]) followed by one kind byte: `M` for a JSON
+//! [`Message`], `D` for raw `zfs send` bytes. A conversation:
+//!
+//! ```text
+//! client                                server
+//! Hello{version, run_id}         ->
+//!                                <-     HelloOk | Error
+//! Sync{path, snapshots, full}    ->
+//!                                <-     UpToDate | Incremental | New | Full | Refused
+//! ( Stream{from_guid, to}        ->
+//!   Data...  End{bytes} | Abort  ->
+//!                                <-     Received | StreamFailed )*
+//! Finish                         ->
+//!                                <-     Done | Refused
+//! ...more Sync...
+//! CleanBuffer                    ->
+//!                                <-     CleanReport
+//! Bye
+//! ```
+//!
+//! A stream is committed only after `End` arrives with the exact byte count;
+//! a cut connection or an `Abort` kills the `zfs receive`.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::naming::{NameError, SnapName};
+use crate::zfs::Snapshot;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted: 16 MiB (a sync request for a dataset with about
+/// 100 000 snapshots). Larger lengths are refused before any allocation.
+pub const MAX_FRAME: usize = 16 << 20;
+/// Size of the data frames a sender writes.
+pub const DATA_CHUNK: usize = 256 << 10;
+/// The default TCP port.
+pub const DEFAULT_PORT: u16 = 7878;
+
+const KIND_MSG: u8 = b'M';
+const KIND_DATA: u8 = b'D';
+
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer sent nothing for {0:?}; closing")]
+    Timeout(Duration),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("malformed frame: {0}")]
+    BadFrame(String),
+    #[error("unexpected {got} (expected {expected})")]
+    Unexpected { got: String, expected: String },
+    #[error("the peer reported an error: {0}")]
+    Peer(String),
+}
+
+/// A snapshot as it travels: the name is checked on arrival.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSnap {
+    pub name: String,
+    pub guid: u64,
+    pub createtxg: u64,
+}
+
+impl From<&Snapshot> for WireSnap {
+    fn from(s: &Snapshot) -> Self {
+        WireSnap {
+            name: s.name.to_string(),
+            guid: s.guid,
+            createtxg: s.createtxg,
+        }
+    }
+}
+
+impl WireSnap {
+    pub fn validate(&self) -> Result<Snapshot, NameError> {
+        Ok(Snapshot {
+            name: SnapName::new(&self.name)?,
+            guid: self.guid,
+            createtxg: self.createtxg,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceFailure {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    // Handshake.
+    Hello {
+        version: u32,
+        /// The same for every connection of one sender run: the receiver
+        /// lists its target tree once per run.
+        run_id: String,
+        software: String,
+    },
+    HelloOk {
+        version: u32,
+        software: String,
+    },
+
+    // Negotiation, one dataset at a time.
+    Sync {
+        /// Relative path: "" for the top dataset, else "/a/b".
+        path: String,
+        /// Oldest first.
+        snapshots: Vec<WireSnap>,
+        /// The sender runs with --full.
+        allow_full: bool,
+    },
+    UpToDate {
+        snapshot: String,
+    },
+    Incremental {
+        base_guid: u64,
+        count: u64,
+    },
+    New {
+        buffered: bool,
+    },
+    Full {
+        reason: String,
+        accepted: bool,
+    },
+    Refused {
+        reason: String,
+        /// Worth trying again later (busy), as opposed to a conflict.
+        temporary: bool,
+    },
+
+    // Streams.
+    Stream {
+        from_guid: Option<u64>,
+        to: WireSnap,
+    },
+    End {
+        bytes: u64,
+    },
+    Abort {
+        reason: String,
+    },
+    Received {
+        bytes: u64,
+    },
+    StreamFailed {
+        reason: String,
+    },
+    Finish,
+    Done {
+        /// Where the dataset now is on the receiver.
+        location: String,
+        buffered: bool,
+    },
+
+    // The end of a run.
+    CleanBuffer,
+    CleanReport {
+        placed: Vec<String>,
+        failed: Vec<PlaceFailure>,
+    },
+    Bye,
+    Error {
+        reason: String,
+    },
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::HelloOk { .. } => "hello_ok",
+            Message::Sync { .. } => "sync",
+            Message::UpToDate { .. } => "up_to_date",
+            Message::Incremental { .. } => "incremental",
+            Message::New { .. } => "new",
+            Message::Full { .. } => "full",
+            Message::Refused { .. } => "refused",
+            Message::Stream { .. } => "stream",
+            Message::End { .. } => "end",
+            Message::Abort { .. } => "abort",
+            Message::Received { .. } => "received",
+            Message::StreamFailed { .. } => "stream_failed",
+            Message::Finish => "finish",
+            Message::Done { .. } => "done",
+            Message::CleanBuffer => "cleanbuffer",
+            Message::CleanReport { .. } => "clean_report",
+            Message::Bye => "bye",
+            Message::Error { .. } => "error",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    Msg(Message),
+    Data(Bytes),
+}
+
+impl Frame {
+    pub fn describe(&self) -> String {
+        match self {
+            Frame::Msg(m) => format!("message {}", m.name()),
+            Frame::Data(d) => format!("{} bytes of stream data", d.len()),
+        }
+    }
+}
+
+/// Encodes a frame body (without the length prefix).
+pub fn encode(frame: &Frame) -> Bytes {
+    match frame {
+        Frame::Msg(m) => {
+            let mut b = BytesMut::with_capacity(128);
+            b.put_u8(KIND_MSG);
+            // Serializing our own enum to a Vec cannot fail.
+            let json = serde_json::to_vec(m).unwrap_or_default();
+            b.extend_from_slice(&json);
+            b.freeze()
+        }
+        Frame::Data(d) => {
+            let mut b = BytesMut::with_capacity(d.len() + 1);
+            b.put_u8(KIND_DATA);
+            b.extend_from_slice(d);
+            b.freeze()
+        }
+    }
+}
+
+/// Decodes a frame body. Never panics, whatever the bytes.
+pub fn decode(mut body: Bytes) -> Result<Frame, ProtocolError> {
+    if body.is_empty() {
+        return Err(ProtocolError::BadFrame("empty frame".into()));
+    }
+    let kind = body[0];
+    let rest = body.split_off(1);
+    match kind {
+        KIND_MSG => serde_json::from_slice(&rest)
+            .map(Frame::Msg)
+            .map_err(|e| ProtocolError::BadFrame(format!("bad message: {e}"))),
+        KIND_DATA => Ok(Frame::Data(rest)),
+        k => Err(ProtocolError::BadFrame(format!("unknown frame kind {k:#04x}"))),
+    }
+}
+
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Frames over any byte stream (TLS in production, a duplex pipe in tests).
+pub struct Connection<S> {
+    framed: Framed<S, LengthDelimitedCodec>,
+    /// Longest wait for the peer's next frame.
+    read_timeout: Duration,
+    /// Longest wait for a frame to be written (a peer that stops reading).
+    write_timeout: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S, read_timeout: Duration, write_timeout: Duration) -> Self {
+        Connection {
+            framed: Framed::new(stream, codec()),
+            read_timeout,
+            write_timeout,
+        }
+    }
+
+    pub fn set_read_timeout(&mut self, t: Duration) {
+        self.read_timeout = t;
+    }
+
+    pub fn get_ref(&self) -> &S {
+        self.framed.get_ref()
+    }
+
+    /// The next frame; `Ok(None)` when the peer closed cleanly between
+    /// frames.
+    pub async fn read(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        match tokio::time::timeout(self.read_timeout, self.framed.next()).await {
+            Err(_) => Err(ProtocolError::Timeout(self.read_timeout)),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(e))) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    Err(ProtocolError::BadFrame(e.to_string()))
+                } else {
+                    Err(ProtocolError::Io(e))
+                }
+            }
+            Ok(Some(Ok(body))) => decode(body.freeze()).map(Some),
+        }
+    }
+
+    /// The next frame, which must be a message.
+    pub async fn read_msg(&mut self) -> Result<Message, ProtocolError> {
+        match self.read().await? {
+            None => Err(ProtocolError::Closed),
+            Some(Frame::Msg(Message::Error { reason })) => Err(ProtocolError::Peer(reason)),
+            Some(Frame::Msg(m)) => Ok(m),
+            Some(f) => Err(ProtocolError::Unexpected {
+                got: f.describe(),
+                expected: "a message".into(),
+            }),
+        }
+    }
+
+    async fn write_frame(&mut self, frame: &Frame) -> Result<(), ProtocolError> {
+        let body = encode(frame);
+        match tokio::time::timeout(self.write_timeout, self.framed.send(body)).await {
+            Err(_) => Err(ProtocolError::Timeout(self.write_timeout)),
+            Ok(r) => r.map_err(ProtocolError::Io),
+        }
+    }
+
+    pub async fn send(&mut self, msg: Message) -> Result<(), ProtocolError> {
+        self.write_frame(&Frame::Msg(msg)).await
+    }
+
+    pub async fn send_data(&mut self, data: Bytes) -> Result<(), ProtocolError> {
+        self.write_frame(&Frame::Data(data)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                version: 1,
+                run_id: "r".into(),
+                software: "zfsync 0.1".into(),
+            },
+            Message::HelloOk {
+                version: 1,
+                software: "x".into(),
+            },
+            Message::Sync {
+                path: "/a/b".into(),
+                snapshots: vec![WireSnap {
+                    name: "s1".into(),
+                    guid: u64::MAX,
+                    createtxg: 7,
+                }],
+                allow_full: true,
+            },
+            Message::UpToDate {
+                snapshot: "s".into(),
+            },
+            Message::Incremental {
+                base_guid: 3,
+                count: 2,
+            },
+            Message::New { buffered: true },
+            Message::Full {
+                reason: "r".into(),
+                accepted: false,
+            },
+            Message::Refused {
+                reason: "r".into(),
+                temporary: true,
+            },
+            Message::Stream {
+                from_guid: None,
+                to: WireSnap {
+                    name: "s".into(),
+                    guid: 1,
+                    createtxg: 2,
+                },
+            },
+            Message::End { bytes: 5 },
+            Message::Abort { reason: "x".into() },
+            Message::Received { bytes: 5 },
+            Message::StreamFailed { reason: "x".into() },
+            Message::Finish,
+            Message::Done {
+                location: "p/a".into(),
+                buffered: false,
+            },
+            Message::CleanBuffer,
+            Message::CleanReport {
+                placed: vec!["/a".into()],
+                failed: vec![PlaceFailure {
+                    path: "/b".into(),
+                    reason: "busy".into(),
+                }],
+            },
+            Message::Bye,
+            Message::Error { reason: "x".into() },
+        ]
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        for m in all_messages() {
+            let f = Frame::Msg(m);
+            assert_eq!(decode(encode(&f)).unwrap(), f);
+        }
+        let d = Frame::Data(Bytes::from_static(b"\0\x01zfs"));
+        assert_eq!(decode(encode(&d)).unwrap(), d);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for body in [
+            &b""[..],
+            b"M",
+            b"Mnull",
+            b"M{\"type\":\"nope\"}",
+            b"M{\"type\":\"hello\"}",
+            b"M{\"type\":\"end\",\"bytes\":1,\"extra\":1}",
+            b"M{\"type\":\"end\",\"bytes\":-1}",
+            b"X123",
+            b"M\xff\xfe",
+        ] {
+            assert!(decode(Bytes::copy_from_slice(body)).is_err(), "{body:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connection_over_a_pipe() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let t = Duration::from_secs(5);
+        let mut a = Connection::new(a, t, t);
+        let mut b = Connection::new(b, t, t);
+        a.send(Message::Finish).await.unwrap();
+        a.send_data(Bytes::from_static(b"abc")).await.unwrap();
+        assert_eq!(b.read_msg().await.unwrap(), Message::Finish);
+        assert_eq!(
+            b.read().await.unwrap(),
+            Some(Frame::Data(Bytes::from_static(b"abc")))
+        );
+        drop(a);
+        assert_eq!(b.read().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, b) = tokio::io::duplex(1 << 10);
+        let t = Duration::from_secs(5);
+        let mut b = Connection::new(b, t, t);
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert!(matches!(b.read().await, Err(ProtocolError::BadFrame(_))));
+    }
+
+    #[tokio::test]
+    async fn silent_peer_times_out() {
+        let (_a, b) = tokio::io::duplex(1 << 10);
+        let mut b = Connection::new(b, Duration::from_millis(50), Duration::from_secs(1));
+        assert!(matches!(b.read().await, Err(ProtocolError::Timeout(_))));
+    }
+}
