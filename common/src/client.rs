@@ -35,7 +35,9 @@ pub enum ClientError {
     ConnectTimeout { addr: String, after: Duration },
     #[error("{0}")]
     Tls(String),
-    #[error("invalid server name {0:?}: pass --server-name with the name in the receiver's certificate")]
+    #[error(
+        "invalid server name {0:?}: pass --server-name with the name in the receiver's certificate"
+    )]
     ServerName(String),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -158,18 +160,23 @@ impl Client {
         Ok(self.conn.read_msg().await?)
     }
 
+    /// Announces a stream; the receiver checks it before any data flows.
     pub async fn begin_stream(
         &mut self,
         from_guid: Option<u64>,
         to: &Snapshot,
     ) -> Result<(), ClientError> {
-        Ok(self
-            .conn
+        self.conn
             .send(Message::Stream {
                 from_guid,
                 to: WireSnap::from(to),
             })
-            .await?)
+            .await?;
+        match self.conn.read_msg().await? {
+            Message::Ready => Ok(()),
+            Message::StreamFailed { reason } => Err(ClientError::StreamFailed(reason)),
+            other => Err(unexpected(other, "ready")),
+        }
     }
 
     /// Copies `reader` to the receiver as data frames until EOF; returns
@@ -185,7 +192,10 @@ impl Client {
             // Fill a whole chunk when the source is fast; send what there
             // is when it is slow.
             while buf.len() < DATA_CHUNK {
-                let n = reader.read_buf(&mut buf).await.map_err(ClientError::Source)?;
+                let n = reader
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(ClientError::Source)?;
                 if n == 0 {
                     break;
                 }

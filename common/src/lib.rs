@@ -2,6 +2,7 @@
 //! command-line layer, names, the planner and TLS set-up.
 
 pub mod client;
+pub mod logging;
 pub mod naming;
 pub mod plan;
 pub mod protocol;

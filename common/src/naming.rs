@@ -43,7 +43,9 @@ pub enum NameError {
     EmptyComponent { name: String },
     #[error("name {name:?} has the component {component:?}, which ZFS does not allow")]
     DotComponent { name: String, component: String },
-    #[error("name {name:?} contains {ch:?}; zfsync allows ASCII letters, digits and _ - . : in names")]
+    #[error(
+        "name {name:?} contains {ch:?}; zfsync allows ASCII letters, digits and _ - . : in names"
+    )]
     BadChar { name: String, ch: char },
     #[error("relative path {name:?} must be empty (the top dataset) or start with '/'")]
     NotRelative { name: String },
@@ -200,11 +202,23 @@ impl SnapshotName {
     }
 
     pub fn dataset(&self) -> DatasetName {
-        DatasetName(self.0.split_once('@').map(|(d, _)| d).unwrap_or("").to_string())
+        DatasetName(
+            self.0
+                .split_once('@')
+                .map(|(d, _)| d)
+                .unwrap_or("")
+                .to_string(),
+        )
     }
 
     pub fn snap(&self) -> SnapName {
-        SnapName(self.0.split_once('@').map(|(_, s)| s).unwrap_or("").to_string())
+        SnapName(
+            self.0
+                .split_once('@')
+                .map(|(_, s)| s)
+                .unwrap_or("")
+                .to_string(),
+        )
     }
 }
 
@@ -264,7 +278,9 @@ impl RelPath {
 
     /// The first component, if any.
     pub fn first_component(&self) -> Option<&str> {
-        self.0.strip_prefix('/').map(|r| r.split('/').next().unwrap_or(r))
+        self.0
+            .strip_prefix('/')
+            .map(|r| r.split('/').next().unwrap_or(r))
     }
 
     /// The buffer dataset's name for this path: upper-case hex of the path
@@ -339,14 +355,25 @@ mod tests {
         for p in ["/a", "/a/b", "/x-y_z.w:v/q", "/A/B/C/D"] {
             let rel = RelPath::new(p).unwrap();
             let hex = rel.buffer_hex().unwrap();
-            assert!(hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()));
+            assert!(hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()));
             assert_eq!(RelPath::from_buffer_hex(&hex).unwrap(), rel);
         }
     }
 
     #[test]
     fn bad_buffer_names_are_refused() {
-        for n in ["", "2f61", "ZZ", "2F", "2F2E2E", "612F62", "2F61.full", "2F612F2F62"] {
+        for n in [
+            "",
+            "2f61",
+            "ZZ",
+            "2F",
+            "2F2E2E",
+            "612F62",
+            "2F61.full",
+            "2F612F2F62",
+        ] {
             assert!(RelPath::from_buffer_hex(n).is_err(), "{n:?} accepted");
         }
     }
@@ -392,22 +419,36 @@ mod tests {
         let d = DatasetName::new("pool/a/b").unwrap();
         assert_eq!(d.parent().unwrap().as_str(), "pool/a");
         assert_eq!(
-            d.relative_to(&DatasetName::new("pool").unwrap()).unwrap().as_str(),
+            d.relative_to(&DatasetName::new("pool").unwrap())
+                .unwrap()
+                .as_str(),
             "/a/b"
         );
         assert_eq!(d.relative_to(&d).unwrap(), RelPath::root());
-        assert!(d.relative_to(&DatasetName::new("pool/a/bc").unwrap()).is_none());
+        assert!(d
+            .relative_to(&DatasetName::new("pool/a/bc").unwrap())
+            .is_none());
         assert!(DatasetName::new("pool/ab")
             .unwrap()
             .relative_to(&DatasetName::new("pool/a").unwrap())
             .is_none());
-        for bad in ["", "/pool", "pool/", "pool//a", "pool/a@b", "pool/../x", "po ol"] {
+        for bad in [
+            "",
+            "/pool",
+            "pool/",
+            "pool//a",
+            "pool/a@b",
+            "pool/../x",
+            "po ol",
+        ] {
             assert!(DatasetName::new(bad).is_err(), "{bad:?}");
         }
         let long = format!("pool/{}", "a".repeat(251));
         assert!(DatasetName::new(&long).is_err());
         let target = DatasetName::new(&format!("pool/{}", "b".repeat(200))).unwrap();
-        assert!(target.join(&RelPath::new(&format!("/{}", "c".repeat(60))).unwrap()).is_err());
+        assert!(target
+            .join(&RelPath::new(&format!("/{}", "c".repeat(60))).unwrap())
+            .is_err());
     }
 
     #[test]
@@ -415,7 +456,14 @@ mod tests {
         let s = SnapshotName::new("pool/a@snap-1_2.3:4").unwrap();
         assert_eq!(s.dataset().as_str(), "pool/a");
         assert_eq!(s.snap().as_str(), "snap-1_2.3:4");
-        for bad in ["pool/a", "pool/a@", "@s", "pool/a@b@c", "pool/a@b/c", "pool/a@b#c"] {
+        for bad in [
+            "pool/a",
+            "pool/a@",
+            "@s",
+            "pool/a@b@c",
+            "pool/a@b/c",
+            "pool/a@b#c",
+        ] {
             assert!(SnapshotName::new(bad).is_err(), "{bad:?}");
         }
     }

@@ -312,12 +312,7 @@ mod tests {
     fn names(steps: &[Step]) -> Vec<(Option<String>, String)> {
         steps
             .iter()
-            .map(|st| {
-                (
-                    st.from.map(|f| f.name.to_string()),
-                    st.to.name.to_string(),
-                )
-            })
+            .map(|st| (st.from.map(|f| f.name.to_string()), st.to.name.to_string()))
             .collect()
     }
 
@@ -339,7 +334,11 @@ mod tests {
                 Decision::New { buffered: false },
                 vec![(None, "a".into()), (Some("a".into()), "c".into())],
             ),
-            (&one, Decision::New { buffered: true }, vec![(None, "a".into())]),
+            (
+                &one,
+                Decision::New { buffered: true },
+                vec![(None, "a".into())],
+            ),
             (
                 &source,
                 full_accepted,

@@ -12,6 +12,7 @@
 //! Sync{path, snapshots, full}    ->
 //!                                <-     UpToDate | Incremental | New | Full | Refused
 //! ( Stream{from_guid, to}        ->
+//!                                <-     Ready | StreamFailed
 //!   Data...  End{bytes} | Abort  ->
 //!                                <-     Received | StreamFailed )*
 //! Finish                         ->
@@ -149,6 +150,8 @@ pub enum Message {
         from_guid: Option<u64>,
         to: WireSnap,
     },
+    /// The receiver accepted the stream header; data may follow.
+    Ready,
     End {
         bytes: u64,
     },
@@ -192,6 +195,7 @@ impl Message {
             Message::Full { .. } => "full",
             Message::Refused { .. } => "refused",
             Message::Stream { .. } => "stream",
+            Message::Ready => "ready",
             Message::End { .. } => "end",
             Message::Abort { .. } => "abort",
             Message::Received { .. } => "received",
@@ -253,7 +257,9 @@ pub fn decode(mut body: Bytes) -> Result<Frame, ProtocolError> {
             .map(Frame::Msg)
             .map_err(|e| ProtocolError::BadFrame(format!("bad message: {e}"))),
         KIND_DATA => Ok(Frame::Data(rest)),
-        k => Err(ProtocolError::BadFrame(format!("unknown frame kind {k:#04x}"))),
+        k => Err(ProtocolError::BadFrame(format!(
+            "unknown frame kind {k:#04x}"
+        ))),
     }
 }
 
@@ -385,6 +391,7 @@ mod tests {
                     createtxg: 2,
                 },
             },
+            Message::Ready,
             Message::End { bytes: 5 },
             Message::Abort { reason: "x".into() },
             Message::Received { bytes: 5 },

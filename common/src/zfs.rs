@@ -155,7 +155,11 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
         match prop {
             "guid" => p.guid = Some(value.parse().map_err(|_| bad("guid is not a number"))?),
             "createtxg" => {
-                p.createtxg = Some(value.parse().map_err(|_| bad("createtxg is not a number"))?)
+                p.createtxg = Some(
+                    value
+                        .parse()
+                        .map_err(|_| bad("createtxg is not a number"))?,
+                )
             }
             "type" => p.kind = Some(value.to_string()),
             _ => return Err(bad("unexpected property")),
@@ -406,11 +410,16 @@ impl Zfs {
         if !out.status.success() {
             // Missing roots are fine; anything else is an error.
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let only_missing = stderr.lines().filter(|l| !l.trim().is_empty()).all(|l| {
-                does_not_exist(l).is_some_and(|n| roots.iter().any(|r| r.as_str() == n))
-            });
+            let only_missing = stderr
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .all(|l| does_not_exist(l).is_some_and(|n| roots.iter().any(|r| r.as_str() == n)));
             if !only_missing || stderr.trim().is_empty() {
-                return Err(ZfsError::from_failure(&argv, out.status, stderr.into_owned()));
+                return Err(ZfsError::from_failure(
+                    &argv,
+                    out.status,
+                    stderr.into_owned(),
+                ));
             }
         }
         let mut tree = parse_get(&stdout)?;
@@ -609,7 +618,10 @@ ptest1/a b\ttype\tfilesystem
             ["create", "-o", "mountpoint=none", "p/b"]
         );
         assert_eq!(strs(destroy_argv(&ds("p/b"))), ["destroy", "-r", "p/b"]);
-        assert_eq!(strs(rename_argv(&ds("p/b"), &ds("p/c"))), ["rename", "p/b", "p/c"]);
+        assert_eq!(
+            strs(rename_argv(&ds("p/b"), &ds("p/c"))),
+            ["rename", "p/b", "p/c"]
+        );
     }
 
     #[test]
@@ -631,7 +643,11 @@ ptest1/a b\ttype\tfilesystem
             "cannot rename 'p/x': dataset is busy\n".into(),
         );
         assert!(e.is_busy());
-        let e = ZfsError::from_failure("zfs receive", status, "cannot receive: invalid backup stream\n".into());
+        let e = ZfsError::from_failure(
+            "zfs receive",
+            status,
+            "cannot receive: invalid backup stream\n".into(),
+        );
         assert!(matches!(e, ZfsError::Failed { .. }));
         assert!(e.to_string().contains("invalid backup stream"));
     }

@@ -1,0 +1,162 @@
+//! zfsync-recv: the receiving daemon. [`run`] serves a bound listener until
+//! the shutdown future completes; `cli` turns the command line into a call
+//! to it.
+
+pub mod cli;
+pub mod session;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use zfsync_common::naming::DatasetName;
+use zfsync_common::protocol::{Connection, Message};
+use zfsync_common::tls::cert_names;
+use zfsync_common::zfs::Zfs;
+
+use crate::session::{Session, Shared};
+use crate::state::Target;
+
+pub struct Options {
+    pub target: DatasetName,
+    pub zfs: Zfs,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub allow_clients: Vec<String>,
+    /// A TLS handshake must complete within this.
+    pub handshake_timeout: Duration,
+    /// Longest silence from a connected sender.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    /// How long a shutdown waits for connections to end.
+    pub grace: Duration,
+}
+
+/// Checks that the target can be received into: it exists, or its parent
+/// does (zfs receive creates it then).
+pub async fn check_target(zfs: &Zfs, target: &DatasetName) -> anyhow::Result<()> {
+    if zfs.list_dataset(target).await?.is_some() {
+        return Ok(());
+    }
+    match target.parent() {
+        None => bail!("the pool {target} does not exist (zpool list shows the pools)"),
+        Some(parent) => {
+            if zfs.list_dataset(&parent).await?.is_none() {
+                bail!(
+                    "neither the target {target} nor its parent {parent} exists; create the parent with `zfs create -p {parent}`"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Serves until `shutdown` completes, then stops accepting, lets every
+/// connection end at its next safe point (a running `zfs receive` is
+/// killed, so nothing half-sent is committed) and returns.
+pub async fn run(
+    listener: TcpListener,
+    opts: Options,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    check_target(&opts.zfs, &opts.target)
+        .await
+        .context("checking the target dataset")?;
+    if let Ok(local) = listener.local_addr() {
+        tracing::info!(
+            "zfsync-recv listening on {local}, receiving into {}",
+            opts.target
+        );
+    }
+    let shared = Arc::new(Shared {
+        target: Target::new(opts.target.clone(), opts.zfs.clone()),
+        allow_clients: opts.allow_clients.clone(),
+    });
+    let acceptor = TlsAcceptor::from(opts.tls.clone());
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(opts.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, go on.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %addr, "refusing a connection: {} connections already open", opts.max_connections);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let shared = shared.clone();
+        let cancel = cancel.child_token();
+        let handshake_timeout = opts.handshake_timeout;
+        let idle = opts.idle_timeout;
+        tracker.spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Err(_) => {
+                    tracing::warn!(peer = %addr, "TLS handshake timed out");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %addr, "TLS handshake failed: {e}");
+                    return;
+                }
+                Ok(Ok(s)) => s,
+            };
+            let names = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(cert_names)
+                .unwrap_or_default();
+            let who = format!("{addr} ({})", names.first().map(String::as_str).unwrap_or("?"));
+            let mut conn = Connection::new(tls, idle, idle);
+            if !shared.allow_clients.is_empty()
+                && !names.iter().any(|n| shared.allow_clients.contains(n))
+            {
+                tracing::warn!(peer = %who, ?names, "client certificate not in --allow-client; closing");
+                let _ = conn
+                    .send(Message::Error {
+                        reason: format!("certificate names {names:?} are not allowed by this receiver's --allow-client"),
+                    })
+                    .await;
+                return;
+            }
+            tracing::info!(peer = %who, "connected");
+            match Session::new(&shared.target, conn, who.clone(), cancel).serve().await {
+                Ok(()) => tracing::info!(peer = %who, "disconnected"),
+                Err(e) => tracing::warn!(peer = %who, "connection ended: {e}"),
+            }
+        });
+    }
+    tracing::info!("shutting down: no new connections; ending the open ones");
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(opts.grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open after {:?}; exiting anyway",
+            opts.grace
+        );
+    }
+    Ok(())
+}

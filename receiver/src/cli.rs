@@ -1,0 +1,128 @@
+//! The command line of `zfsync-recv`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use zfsync_common::naming::DatasetName;
+use zfsync_common::protocol::DEFAULT_PORT;
+use zfsync_common::tls::{server_config, TlsFiles};
+use zfsync_common::zfs::Zfs;
+
+use crate::Options;
+
+/// Receives ZFS dataset trees from zfsync-send over mutually authenticated
+/// TLS and keeps them under TARGET_DATASET.
+#[derive(Parser, Debug)]
+#[command(name = "zfsync-recv", version)]
+pub struct Args {
+    /// More log output (-v info is the default for the daemon; -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// TCP port to listen on.
+    #[arg(short, long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Address to listen on (default: all addresses).
+    #[arg(short = 'l', long = "listen", default_value = "0.0.0.0")]
+    pub listen: String,
+    /// Append the log to this file instead of stderr.
+    #[arg(short = 'o', long = "log-file", value_name = "LOGFILE")]
+    pub log_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signs the senders' certificates.
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// This receiver's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// This receiver's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Accept only client certificates with this CN or DNS name (repeatable).
+    #[arg(long = "allow-client", value_name = "NAME")]
+    pub allow_client: Vec<String>,
+    /// The zfs binary.
+    #[arg(long, value_name = "PATH", default_value = "zfs")]
+    pub zfs: PathBuf,
+    /// Seconds a connected sender may stay silent.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub idle_timeout: u64,
+    /// Most connections at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_connections: usize,
+    /// Seconds a SIGTERM/SIGINT waits for open connections to end.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub grace: u64,
+    /// The dataset replicas are kept under (created if its parent exists).
+    #[arg(value_name = "TARGET_DATASET")]
+    pub target: String,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = zfsync_common::logging::init(2, args.verbose, args.log_file.as_deref()) {
+        eprintln!("zfsync-recv: {e}");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zfsync-recv: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("zfsync-recv: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let target = DatasetName::new(&args.target)
+        .with_context(|| format!("invalid target dataset {:?}", args.target))?;
+    let tls = server_config(&TlsFiles {
+        ca: &args.ca,
+        cert: &args.cert,
+        key: &args.key,
+    })?;
+    let addr: SocketAddr = format!("{}:{}", args.listen, args.port)
+        .parse()
+        .or_else(|_| format!("[{}]:{}", args.listen, args.port).parse())
+        .with_context(|| format!("invalid listen address {:?}", args.listen))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr} (is another zfsync-recv running? choose another port with -p)"
+        )
+    })?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    crate::run(
+        listener,
+        Options {
+            target,
+            zfs: Zfs::new(&args.zfs),
+            tls,
+            allow_clients: args.allow_client,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+            max_connections: args.max_connections.max(1),
+            grace: Duration::from_secs(args.grace),
+        },
+        shutdown,
+    )
+    .await
+}

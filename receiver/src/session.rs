@@ -1,0 +1,710 @@
+//! One client connection: the protocol state machine on the receiving side.
+//!
+//! Every name from the peer is validated here before it touches `zfs`; every
+//! stream is written into `zfs receive` one frame behind, so the final bytes
+//! (with the stream's END record) reach `zfs` only after the sender's
+//! `End{bytes}` has been checked. A cut, an `Abort`, a count mismatch or a
+//! shutdown kills the `zfs receive` instead: nothing half-sent is committed.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use zfsync_common::naming::{is_reserved, DatasetName, RelPath};
+use zfsync_common::plan::{negotiate, Decision, TargetState};
+use zfsync_common::protocol::{
+    Connection, Frame, Message, PlaceFailure, ProtocolError, WireSnap, PROTOCOL_VERSION,
+};
+use zfsync_common::zfs::Snapshot;
+
+use crate::state::{DatasetLock, Location, Target};
+
+/// How a dataset's streams are being received.
+enum Mode {
+    /// Straight into `dest` (in place or in the buffer).
+    Direct,
+    /// Into a temporary dataset that replaces `replaces` once whole.
+    Replace { replaces: DatasetName },
+}
+
+/// The dataset a connection is working on, from `Sync` to `Finish`.
+struct Open {
+    rel: RelPath,
+    /// Keeps other connections off this dataset until `Finish`.
+    _lock: DatasetLock,
+    dest: DatasetName,
+    buffered: bool,
+    mode: Mode,
+    /// The sender's snapshots: a stream may only announce one of these.
+    announced: Vec<Snapshot>,
+}
+
+pub struct Session<'a, S> {
+    target: &'a Target,
+    conn: Connection<S>,
+    peer: String,
+    cancel: CancellationToken,
+    open: Option<Open>,
+}
+
+fn refused(reason: impl Into<String>) -> Message {
+    Message::Refused {
+        reason: reason.into(),
+        temporary: false,
+    }
+}
+
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
+    pub fn new(
+        target: &'a Target,
+        conn: Connection<S>,
+        peer: String,
+        cancel: CancellationToken,
+    ) -> Self {
+        Session {
+            target,
+            conn,
+            peer,
+            cancel,
+            open: None,
+        }
+    }
+
+    /// Serves the connection until the peer says bye, closes, misbehaves or
+    /// the receiver shuts down. Always leaves no dataset half-done.
+    pub async fn serve(mut self) -> Result<(), ProtocolError> {
+        let result = self.serve_inner().await;
+        self.abandon().await;
+        if let Err(e) = &result {
+            // Tell the peer why, if it still listens.
+            let _ = self
+                .conn
+                .send(Message::Error {
+                    reason: e.to_string(),
+                })
+                .await;
+        }
+        result
+    }
+
+    async fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(ProtocolError::Peer("the receiver is shutting down".into())),
+            f = self.conn.read() => f,
+        }
+    }
+
+    async fn serve_inner(&mut self) -> Result<(), ProtocolError> {
+        match self.next_frame().await? {
+            Some(Frame::Msg(Message::Hello {
+                version, run_id, ..
+            })) => {
+                if version != PROTOCOL_VERSION {
+                    return Err(ProtocolError::Unexpected {
+                        got: format!("protocol version {version}"),
+                        expected: format!("version {PROTOCOL_VERSION}; install the same zfsync version on both hosts"),
+                    });
+                }
+                if run_id.len() > 128 {
+                    return Err(ProtocolError::BadFrame("run id too long".into()));
+                }
+                if let Err(e) = self.target.refresh_for_run(&run_id).await {
+                    tracing::error!(peer = %self.peer, "cannot list the target: {e}");
+                    return Err(ProtocolError::Peer(format!(
+                        "the receiver cannot list its target: {e}"
+                    )));
+                }
+                self.conn
+                    .send(Message::HelloOk {
+                        version: PROTOCOL_VERSION,
+                        software: format!("zfsync {}", env!("CARGO_PKG_VERSION")),
+                    })
+                    .await?;
+            }
+            None => return Ok(()),
+            Some(other) => {
+                return Err(ProtocolError::Unexpected {
+                    got: other.describe(),
+                    expected: "hello".into(),
+                })
+            }
+        }
+        loop {
+            let msg = match self.next_frame().await? {
+                None => return Ok(()),
+                Some(Frame::Data(_)) => {
+                    return Err(ProtocolError::Unexpected {
+                        got: "stream data".into(),
+                        expected: "a message (data only after stream)".into(),
+                    })
+                }
+                Some(Frame::Msg(m)) => m,
+            };
+            let reply = match msg {
+                Message::Sync {
+                    path,
+                    snapshots,
+                    allow_full,
+                } => {
+                    self.abandon().await;
+                    self.sync(&path, &snapshots, allow_full).await
+                }
+                Message::Stream { from_guid, to } => {
+                    if self.open.is_none() {
+                        return Err(ProtocolError::Unexpected {
+                            got: "stream".into(),
+                            expected: "sync first".into(),
+                        });
+                    }
+                    match self.check_stream(from_guid, &to) {
+                        Err(reason) => Message::StreamFailed { reason },
+                        Ok((to, force)) => {
+                            self.conn.send(Message::Ready).await?;
+                            self.receive(to, force).await?
+                        }
+                    }
+                }
+                Message::Finish => match self.open.take() {
+                    None => {
+                        return Err(ProtocolError::Unexpected {
+                            got: "finish".into(),
+                            expected: "sync first".into(),
+                        })
+                    }
+                    Some(open) => self.finish(open).await,
+                },
+                Message::CleanBuffer => {
+                    self.abandon().await;
+                    self.clean_buffer().await
+                }
+                Message::Bye => return Ok(()),
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        got: format!("message {}", other.name()),
+                        expected: "sync, stream, finish, cleanbuffer or bye".into(),
+                    })
+                }
+            };
+            self.conn.send(reply).await?;
+        }
+    }
+
+    /// Drops the dataset in progress (if any), removing a half-built
+    /// replacement. The old copy is untouched.
+    async fn abandon(&mut self) {
+        if let Some(open) = self.open.take() {
+            if let Mode::Replace { .. } = open.mode {
+                if self.target.exists(&open.dest) {
+                    tracing::info!(dest = %open.dest, "removing an unfinished replacement");
+                    match self.target.zfs.destroy_recursive(&open.dest).await {
+                        Ok(()) => self.target.destroyed(&open.dest),
+                        Err(e) => tracing::warn!("cannot remove {}: {e}", open.dest),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn ensure_buffer(&self) -> Result<(), String> {
+        let buf = &self.target.buffer;
+        if self.target.exists(buf) {
+            return Ok(());
+        }
+        let created = self.target.zfs.create_unmounted(buf).await;
+        // Another connection may have created it meanwhile.
+        match self.target.refresh(buf).await {
+            Ok(Some(_)) => Ok(()),
+            _ => Err(match created {
+                Err(e) => format!("cannot create the buffer dataset {buf}: {e}"),
+                Ok(()) => format!("the buffer dataset {buf} vanished"),
+            }),
+        }
+    }
+
+    async fn sync(&mut self, path: &str, snapshots: &[WireSnap], allow_full: bool) -> Message {
+        let rel = match RelPath::new(path) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, "refused dataset path: {e}");
+                return refused(format!("invalid dataset path: {e}"));
+            }
+        };
+        if is_reserved(&self.target.name, &rel) {
+            return refused(format!(
+                "{rel} is reserved for the receiver's buffer ({}); rename the source dataset",
+                self.target.buffer
+            ));
+        }
+        let in_place = match self.target.in_place_name(&rel) {
+            Ok(n) => n,
+            Err(e) => return refused(format!("{rel} cannot be placed under the target: {e}")),
+        };
+        let mut snaps = Vec::with_capacity(snapshots.len());
+        for s in snapshots {
+            match s.validate() {
+                Ok(s) => snaps.push(s),
+                Err(e) => return refused(format!("invalid snapshot name for {rel}: {e}")),
+            }
+        }
+        snaps.sort_by_key(|s| s.createtxg);
+        if snaps.is_empty() {
+            return refused(format!("{rel} has no snapshots to send"));
+        }
+        let Some(lock) = self.target.try_lock(&rel) else {
+            return Message::Refused {
+                reason: format!(
+                    "{rel} is busy: another connection is receiving into it; try again later"
+                ),
+                temporary: true,
+            };
+        };
+        let location = match self.target.locate(&rel) {
+            Ok(l) => l,
+            Err(e) => return refused(format!("{rel}: {e}")),
+        };
+        let (state, current, buffered) = match &location {
+            Location::InPlace(d) => (
+                TargetState::Present {
+                    snapshots: &d.snapshots,
+                },
+                Some(d.name.clone()),
+                false,
+            ),
+            Location::Buffered(d) => (
+                TargetState::Present {
+                    snapshots: &d.snapshots,
+                },
+                Some(d.name.clone()),
+                true,
+            ),
+            Location::Absent { parent_present } => (
+                TargetState::Absent {
+                    parent_present: *parent_present,
+                },
+                None,
+                !parent_present,
+            ),
+        };
+        let decision = negotiate(&snaps, &state, allow_full);
+        tracing::debug!(peer = %self.peer, %rel, ?decision, "negotiated");
+        let open = |dest: DatasetName, buffered: bool, mode: Mode| Open {
+            rel: rel.clone(),
+            _lock: lock,
+            dest,
+            buffered,
+            mode,
+            announced: snaps.clone(),
+        };
+        match decision {
+            Decision::NoSnapshots => refused(format!("{rel} has no snapshots to send")),
+            Decision::UpToDate { snapshot } => Message::UpToDate { snapshot },
+            Decision::Incremental { base_guid, count } => {
+                let Some(dest) = current else {
+                    return refused("internal error: incremental without a dataset");
+                };
+                self.open = Some(open(dest, buffered, Mode::Direct));
+                Message::Incremental {
+                    base_guid,
+                    count: count as u64,
+                }
+            }
+            Decision::New { buffered } => {
+                let dest = if buffered {
+                    let name = match self.target.buffer_name(&rel) {
+                        Some(Ok(n)) => n,
+                        Some(Err(e)) => {
+                            return refused(format!(
+                                "{rel} arrived before its parent and its buffer name is too long ({e}); run again once the parent exists"
+                            ))
+                        }
+                        None => return refused("the top dataset cannot be buffered"),
+                    };
+                    if let Err(e) = self.ensure_buffer().await {
+                        return refused(e);
+                    }
+                    name
+                } else {
+                    in_place
+                };
+                self.open = Some(open(dest, buffered, Mode::Direct));
+                Message::New { buffered }
+            }
+            Decision::Full {
+                reason,
+                accepted: false,
+            } => Message::Full {
+                reason: reason.to_string(),
+                accepted: false,
+            },
+            Decision::Full {
+                reason,
+                accepted: true,
+            } => {
+                let Some(replaces) = current else {
+                    return refused("internal error: full without a dataset");
+                };
+                if replaces.is_pool_root() {
+                    return refused(format!(
+                        "{replaces} is a pool's root dataset, which cannot be replaced; destroy its snapshots by hand or receive into a dataset below the pool"
+                    ));
+                }
+                let temp = match self.target.full_temp_name(&rel) {
+                    Ok(t) => t,
+                    Err(e) => return refused(format!("{rel}: {e}")),
+                };
+                if let Err(e) = self.ensure_buffer().await {
+                    return refused(e);
+                }
+                if self.target.exists(&temp) {
+                    // Left by an interrupted earlier attempt; only ever a copy.
+                    if let Err(e) = self.target.zfs.destroy_recursive(&temp).await {
+                        return refused(format!("cannot remove the stale {temp}: {e}"));
+                    }
+                    self.target.destroyed(&temp);
+                }
+                tracing::info!(peer = %self.peer, %rel, "full replacement requested: {reason}");
+                self.open = Some(open(temp, buffered, Mode::Replace { replaces }));
+                Message::Full {
+                    reason: reason.to_string(),
+                    accepted: true,
+                }
+            }
+        }
+    }
+
+    /// Checks a stream header against the sync request and the destination:
+    /// the snapshot must be one the sender announced, and the stream must
+    /// start from the destination's newest snapshot (or from nothing for a
+    /// new dataset). Returns the snapshot and whether to receive with `-F`.
+    fn check_stream(
+        &self,
+        from_guid: Option<u64>,
+        to: &WireSnap,
+    ) -> Result<(Snapshot, bool), String> {
+        let open = self.open.as_ref().ok_or("no dataset in progress")?;
+        let to = to
+            .validate()
+            .map_err(|e| format!("invalid snapshot: {e}"))?;
+        if !open.announced.contains(&to) {
+            return Err(format!("@{} was not in the sync request", to.name));
+        }
+        let newest = self.target.newest(&open.dest);
+        let exists = self.target.exists(&open.dest);
+        match (from_guid, exists, newest) {
+            (None, false, _) => Ok((to, false)),
+            (None, true, _) => Err(format!(
+                "{} exists: a full stream cannot be received into it",
+                open.dest
+            )),
+            (Some(_), false, _) => Err(format!(
+                "{} does not exist: send a full stream first",
+                open.dest
+            )),
+            (Some(g), true, Some(n)) if n.guid == g => {
+                // createtxg differs between pools: compare the sender's own.
+                let base = open.announced.iter().find(|s| s.guid == g);
+                if base.is_none_or(|b| to.createtxg <= b.createtxg) {
+                    return Err(format!("@{} is not newer than @{}", to.name, n.name));
+                }
+                Ok((to, true))
+            }
+            (Some(_), true, _) => Err(format!(
+                "the stream's base is not the newest snapshot of {}",
+                open.dest
+            )),
+        }
+    }
+
+    /// Pipes one stream into `zfs receive`. Protocol errors (the
+    /// connection is unusable) are returned as `Err`; a stream that could
+    /// not be stored is `Ok(StreamFailed)`.
+    async fn receive(&mut self, to: Snapshot, force: bool) -> Result<Message, ProtocolError> {
+        let Some(open) = self.open.as_ref() else {
+            return Ok(Message::StreamFailed {
+                reason: "no dataset in progress".into(),
+            });
+        };
+        let dest = open.dest.clone();
+        let mut child = match self.target.zfs.spawn_receive(&dest, force) {
+            Ok(c) => c,
+            Err(e) => {
+                self.drain().await?;
+                return Ok(Message::StreamFailed {
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let mut stdin = child.take_stdin();
+        // The newest frame is held back until the next one (or End) arrives.
+        let mut pending: Option<Bytes> = None;
+        let mut total: u64 = 0;
+        let mut write_error: Option<std::io::Error> = None;
+        loop {
+            let frame = match self.next_frame().await {
+                Ok(f) => f,
+                Err(e) => {
+                    drop(stdin);
+                    child.kill().await;
+                    tracing::warn!(peer = %self.peer, %dest, "stream cut, nothing committed: {e}");
+                    return Err(e);
+                }
+            };
+            match frame {
+                None => {
+                    drop(stdin);
+                    child.kill().await;
+                    tracing::warn!(peer = %self.peer, %dest, "connection closed mid-stream, nothing committed");
+                    return Err(ProtocolError::Closed);
+                }
+                Some(Frame::Data(b)) => {
+                    total += b.len() as u64;
+                    if let Some(prev) = pending.replace(b) {
+                        write(&mut stdin, &prev, &mut write_error).await;
+                    }
+                }
+                Some(Frame::Msg(Message::End { bytes })) => {
+                    if bytes != total {
+                        drop(stdin);
+                        child.kill().await;
+                        return Ok(Message::StreamFailed {
+                            reason: format!(
+                                "the sender announced {bytes} bytes but {total} arrived; nothing committed"
+                            ),
+                        });
+                    }
+                    if let Some(last) = pending.take() {
+                        write(&mut stdin, &last, &mut write_error).await;
+                    }
+                    drop(stdin);
+                    let result = child.wait().await;
+                    let _ = self.target.refresh(&dest).await;
+                    return Ok(match result {
+                        Err(e) => {
+                            tracing::warn!(peer = %self.peer, %dest, "zfs receive failed: {e}");
+                            Message::StreamFailed {
+                                reason: e.to_string(),
+                            }
+                        }
+                        Ok(()) => match self.target.newest(&dest) {
+                            Some(n) if n.guid == to.guid => {
+                                tracing::info!(peer = %self.peer, %dest, snapshot = %to.name, bytes, "received");
+                                Message::Received { bytes }
+                            }
+                            _ => Message::StreamFailed {
+                                reason: format!(
+                                    "the stream did not end at the announced snapshot @{} (guid {})",
+                                    to.name, to.guid
+                                ),
+                            },
+                        },
+                    });
+                }
+                Some(Frame::Msg(Message::Abort { reason })) => {
+                    drop(stdin);
+                    child.kill().await;
+                    tracing::warn!(peer = %self.peer, %dest, "sender aborted the stream: {reason}");
+                    return Ok(Message::StreamFailed {
+                        reason: format!("aborted by the sender: {reason}"),
+                    });
+                }
+                Some(Frame::Msg(other)) => {
+                    drop(stdin);
+                    child.kill().await;
+                    return Err(ProtocolError::Unexpected {
+                        got: format!("message {}", other.name()),
+                        expected: "stream data, end or abort".into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Discards a stream the receiver could not start to store.
+    async fn drain(&mut self) -> Result<(), ProtocolError> {
+        loop {
+            match self.next_frame().await? {
+                None => return Err(ProtocolError::Closed),
+                Some(Frame::Data(_)) => {}
+                Some(Frame::Msg(Message::End { .. } | Message::Abort { .. })) => return Ok(()),
+                Some(Frame::Msg(other)) => {
+                    return Err(ProtocolError::Unexpected {
+                        got: format!("message {}", other.name()),
+                        expected: "stream data, end or abort".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn finish(&mut self, open: Open) -> Message {
+        if !self.target.exists(&open.dest) {
+            return refused(format!("nothing was received for {}", open.rel));
+        }
+        match &open.mode {
+            Mode::Direct => Message::Done {
+                location: open.dest.to_string(),
+                buffered: open.buffered,
+            },
+            Mode::Replace { replaces } => match self.replace(&open.dest, replaces, &open.rel).await
+            {
+                Ok(()) => Message::Done {
+                    location: replaces.to_string(),
+                    buffered: open.buffered,
+                },
+                Err(e) => refused(e),
+            },
+        }
+    }
+
+    /// Swaps a whole new copy (`new`) in for `old`, keeping `old`'s child
+    /// datasets: they move under the new copy first. The old copy is
+    /// destroyed only after the new one is in its place.
+    async fn replace(
+        &self,
+        new: &DatasetName,
+        old: &DatasetName,
+        rel: &RelPath,
+    ) -> Result<(), String> {
+        let zfs = &self.target.zfs;
+        let parked = self.target.old_temp_name(rel).map_err(|e| e.to_string())?;
+        let children = self.target.children(old);
+        let mut moved: Vec<(DatasetName, DatasetName)> = Vec::new();
+        let undo = |moved: Vec<(DatasetName, DatasetName)>| async move {
+            for (from, to) in moved.into_iter().rev() {
+                if let Err(e) = zfs.rename(&to, &from).await {
+                    tracing::error!("cannot move {to} back to {from}: {e}");
+                }
+            }
+        };
+        for child in children {
+            let leaf = child
+                .as_str()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let to = match new.child(&leaf) {
+                Ok(t) => t,
+                Err(e) => {
+                    undo(moved).await;
+                    let _ = self.target.relist().await;
+                    return Err(e.to_string());
+                }
+            };
+            if let Err(e) = zfs.rename(&child, &to).await {
+                undo(moved).await;
+                let _ = self.target.relist().await;
+                return Err(format!("cannot move {child} under the new copy: {e}"));
+            }
+            moved.push((child, to));
+        }
+        if self.target.exists(&parked) {
+            zfs.destroy_recursive(&parked)
+                .await
+                .map_err(|e| format!("cannot remove the stale {parked}: {e}"))?;
+        }
+        if let Err(e) = zfs.rename(old, &parked).await {
+            undo(moved).await;
+            let _ = self.target.relist().await;
+            return Err(format!("cannot move the old copy {old} aside: {e}"));
+        }
+        if let Err(e) = zfs.rename(new, old).await {
+            let _ = zfs.rename(&parked, old).await;
+            undo(moved).await;
+            let _ = self.target.relist().await;
+            return Err(format!("cannot move the new copy into place at {old}: {e}"));
+        }
+        if let Err(e) = zfs.destroy_recursive(&parked).await {
+            tracing::warn!(
+                "the new copy is in place, but the old one at {parked} could not be destroyed: {e}"
+            );
+        }
+        tracing::info!(peer = %self.peer, dataset = %old, "replaced by a full copy");
+        self.target.relist().await.map_err(|e| e.to_string())
+    }
+
+    /// Places buffered datasets, parents first. Keeps going past failures.
+    async fn clean_buffer(&mut self) -> Message {
+        let mut placed = Vec::new();
+        let mut failed = Vec::new();
+        for (rel, buffered) in self.target.buffered() {
+            let fail = |reason: String| PlaceFailure {
+                path: rel.as_str().to_string(),
+                reason,
+            };
+            let Some(_lock) = self.target.try_lock(&rel) else {
+                failed.push(fail(
+                    "a transfer into it is running; the next run places it".into(),
+                ));
+                continue;
+            };
+            let dest = match self.target.in_place_name(&rel) {
+                Ok(d) => d,
+                Err(e) => {
+                    failed.push(fail(e.to_string()));
+                    continue;
+                }
+            };
+            if self.target.exists(&dest) {
+                failed.push(fail(format!(
+                    "{dest} already exists; remove either it or {buffered}"
+                )));
+                continue;
+            }
+            if let Some(parent) = dest.parent() {
+                if !self.target.exists(&parent) {
+                    failed.push(fail(format!(
+                        "its parent {parent} is not on the receiver yet; the run that brings it places this one"
+                    )));
+                    continue;
+                }
+            }
+            match self.target.zfs.rename(&buffered, &dest).await {
+                Ok(()) => {
+                    self.target.renamed(&buffered, &dest);
+                    tracing::info!(peer = %self.peer, %dest, "placed from the buffer");
+                    placed.push(rel.as_str().to_string());
+                }
+                Err(e) => failed.push(fail(format!("cannot rename {buffered} to {dest}: {e}"))),
+            }
+        }
+        // Remove the buffer dataset once it is empty.
+        let buf = &self.target.buffer;
+        if self.target.exists(buf) && self.target.children(buf).is_empty() {
+            match self.target.zfs.destroy_recursive(buf).await {
+                Ok(()) => self.target.destroyed(buf),
+                Err(e) => tracing::warn!("cannot remove the empty buffer {buf}: {e}"),
+            }
+        }
+        Message::CleanReport { placed, failed }
+    }
+}
+
+async fn write(
+    stdin: &mut Option<tokio::process::ChildStdin>,
+    data: &[u8],
+    error: &mut Option<std::io::Error>,
+) {
+    if error.is_some() {
+        return;
+    }
+    if let Some(s) = stdin.as_mut() {
+        if let Err(e) = s.write_all(data).await {
+            // zfs receive stopped reading (it failed); keep draining the
+            // connection and report its stderr at End.
+            *error = Some(e);
+        }
+    }
+}
+
+/// Shared state of all connections.
+pub struct Shared {
+    pub target: Target,
+    /// Names (CN or DNS SAN) allowed to connect; empty: any certificate the
+    /// CA signed.
+    pub allow_clients: Vec<String>,
+}
+
+pub type SharedRef = Arc<Shared>;

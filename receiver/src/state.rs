@@ -1,0 +1,328 @@
+//! The receiver's view of its target: a cache of the target and buffer
+//! trees (listed once per sender run, refreshed per dataset after each
+//! change) and the per-dataset locks that keep two connections from
+//! receiving into the same dataset.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use zfsync_common::naming::{
+    buffer_root, DatasetName, NameError, RelPath, FULL_SUFFIX, OLD_SUFFIX,
+};
+use zfsync_common::zfs::{Dataset, Snapshot, Zfs, ZfsError};
+
+/// Where a relative path currently lives on the receiver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    InPlace(Dataset),
+    Buffered(Dataset),
+    Absent { parent_present: bool },
+}
+
+pub struct Target {
+    pub name: DatasetName,
+    pub buffer: DatasetName,
+    pub zfs: Zfs,
+    /// Cache of every dataset under the target and the buffer. Guarded by a
+    /// std mutex: it is held only for map operations, never across `.await`.
+    cache: Mutex<BTreeMap<DatasetName, Dataset>>,
+    /// Relative paths a connection is working on (see [`DatasetLock`]).
+    busy: Arc<Mutex<HashSet<RelPath>>>,
+    /// The run whose listing the cache holds. An async mutex so that the
+    /// workers of a new run wait for one listing instead of each making one.
+    listed_run: tokio::sync::Mutex<Option<String>>,
+}
+
+/// Held while a connection works on a dataset; dropping it frees the path.
+pub struct DatasetLock {
+    rel: RelPath,
+    busy: Arc<Mutex<HashSet<RelPath>>>,
+}
+
+impl Drop for DatasetLock {
+    fn drop(&mut self) {
+        lock(&self.busy).remove(&self.rel);
+    }
+}
+
+/// A poisoned lock only means another task panicked mid-update of a plain
+/// map; the map itself is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Target {
+    pub fn new(name: DatasetName, zfs: Zfs) -> Self {
+        Target {
+            buffer: buffer_root(&name),
+            name,
+            zfs,
+            cache: Mutex::new(BTreeMap::new()),
+            busy: Arc::new(Mutex::new(HashSet::new())),
+            listed_run: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Lists the target and buffer trees in one `zfs` call, unless this run
+    /// already did.
+    pub async fn refresh_for_run(&self, run_id: &str) -> Result<(), ZfsError> {
+        let mut listed = self.listed_run.lock().await;
+        if listed.as_deref() == Some(run_id) {
+            return Ok(());
+        }
+        self.relist().await?;
+        *listed = Some(run_id.to_string());
+        Ok(())
+    }
+
+    /// Lists both trees again (after a replacement, which moves many).
+    pub async fn relist(&self) -> Result<(), ZfsError> {
+        let tree = self.zfs.list_trees(&[&self.name, &self.buffer]).await?;
+        for (name, why) in &tree.skipped {
+            tracing::warn!(%name, %why, "ignoring a dataset zfsync cannot name");
+        }
+        *lock(&self.cache) = tree.datasets;
+        Ok(())
+    }
+
+    /// Re-reads one dataset after it changed.
+    pub async fn refresh(&self, ds: &DatasetName) -> Result<Option<Dataset>, ZfsError> {
+        let got = self.zfs.list_dataset(ds).await?;
+        let mut cache = lock(&self.cache);
+        match &got {
+            Some(d) => {
+                cache.insert(ds.clone(), d.clone());
+            }
+            None => {
+                cache.remove(ds);
+            }
+        }
+        Ok(got)
+    }
+
+    pub fn get(&self, ds: &DatasetName) -> Option<Dataset> {
+        lock(&self.cache).get(ds).cloned()
+    }
+
+    pub fn exists(&self, ds: &DatasetName) -> bool {
+        lock(&self.cache).contains_key(ds)
+    }
+
+    /// Direct children of `ds` in the cache.
+    pub fn children(&self, ds: &DatasetName) -> Vec<DatasetName> {
+        lock(&self.cache)
+            .keys()
+            .filter(|k| k.parent().as_ref() == Some(ds))
+            .cloned()
+            .collect()
+    }
+
+    /// Records a rename of `from` (and everything below it) to `to`.
+    pub fn renamed(&self, from: &DatasetName, to: &DatasetName) {
+        let mut cache = lock(&self.cache);
+        let moved: Vec<DatasetName> = cache
+            .keys()
+            .filter(|k| *k == from || k.relative_to(from).is_some())
+            .cloned()
+            .collect();
+        for old in moved {
+            if let (Some(mut d), Some(rel)) = (cache.remove(&old), old.relative_to(from)) {
+                if let Ok(new) = to.join(&rel) {
+                    d.name = new.clone();
+                    cache.insert(new, d);
+                }
+            }
+        }
+    }
+
+    /// Records that `ds` and everything below it are gone.
+    pub fn destroyed(&self, ds: &DatasetName) {
+        lock(&self.cache).retain(|k, _| !(k == ds || k.relative_to(ds).is_some()));
+    }
+
+    pub fn in_place_name(&self, rel: &RelPath) -> Result<DatasetName, NameError> {
+        self.name.join(rel)
+    }
+
+    /// `BUF/<HEX>`; `None` for the top dataset, which is never buffered.
+    pub fn buffer_name(&self, rel: &RelPath) -> Option<Result<DatasetName, NameError>> {
+        rel.buffer_hex().map(|h| self.buffer.child(&h))
+    }
+
+    fn temp_base(rel: &RelPath) -> String {
+        rel.buffer_hex().unwrap_or_else(|| "top".to_string())
+    }
+
+    /// Where a `--full` replacement is received until it is whole.
+    pub fn full_temp_name(&self, rel: &RelPath) -> Result<DatasetName, NameError> {
+        self.buffer
+            .child(&format!("{}{FULL_SUFFIX}", Self::temp_base(rel)))
+    }
+
+    /// Where the old copy waits while a replacement is swapped in.
+    pub fn old_temp_name(&self, rel: &RelPath) -> Result<DatasetName, NameError> {
+        self.buffer
+            .child(&format!("{}{OLD_SUFFIX}", Self::temp_base(rel)))
+    }
+
+    pub fn locate(&self, rel: &RelPath) -> Result<Location, NameError> {
+        let in_place = self.in_place_name(rel)?;
+        let cache = lock(&self.cache);
+        if let Some(d) = cache.get(&in_place) {
+            return Ok(Location::InPlace(d.clone()));
+        }
+        if let Some(Ok(buf)) = self.buffer_name(rel) {
+            if let Some(d) = cache.get(&buf) {
+                return Ok(Location::Buffered(d.clone()));
+            }
+        }
+        let parent_present = match rel.parent() {
+            // The target's own parent was checked at start-up.
+            None => true,
+            Some(p) => self.name.join(&p).is_ok_and(|p| cache.contains_key(&p)),
+        };
+        Ok(Location::Absent { parent_present })
+    }
+
+    /// Datasets waiting in the buffer, parents first.
+    pub fn buffered(&self) -> Vec<(RelPath, DatasetName)> {
+        let cache = lock(&self.cache);
+        let mut v: Vec<(RelPath, DatasetName)> = cache
+            .keys()
+            .filter(|k| k.parent().as_ref() == Some(&self.buffer))
+            .filter_map(|k| {
+                let leaf = k.as_str().rsplit('/').next()?;
+                RelPath::from_buffer_hex(leaf).ok().map(|r| (r, k.clone()))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.tree_order_key().cmp(&b.0.tree_order_key()));
+        v
+    }
+
+    pub fn try_lock(&self, rel: &RelPath) -> Option<DatasetLock> {
+        let mut busy = lock(&self.busy);
+        if !busy.insert(rel.clone()) {
+            return None;
+        }
+        Some(DatasetLock {
+            rel: rel.clone(),
+            busy: self.busy.clone(),
+        })
+    }
+
+    /// The newest snapshot of `ds` per the cache.
+    pub fn newest(&self, ds: &DatasetName) -> Option<Snapshot> {
+        lock(&self.cache)
+            .get(ds)
+            .and_then(|d| d.snapshots.last().cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds(s: &str) -> DatasetName {
+        DatasetName::new(s).unwrap()
+    }
+
+    fn dataset(name: &str) -> Dataset {
+        Dataset {
+            name: ds(name),
+            guid: 1,
+            kind: "filesystem".into(),
+            snapshots: Vec::new(),
+        }
+    }
+
+    fn target_with(names: &[&str]) -> Target {
+        let t = Target::new(ds("p/t"), Zfs::default());
+        {
+            let mut c = lock(&t.cache);
+            for n in names {
+                c.insert(ds(n), dataset(n));
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn locates_in_place_buffered_and_absent() {
+        let t = target_with(&[
+            "p/t",
+            "p/t/a",
+            "p/t.zfsyncbuffer",
+            "p/t.zfsyncbuffer/2F622F63",
+        ]);
+        let rel = |s| RelPath::new(s).unwrap();
+        assert!(matches!(
+            t.locate(&rel("/a")).unwrap(),
+            Location::InPlace(_)
+        ));
+        assert!(matches!(
+            t.locate(&rel("/b/c")).unwrap(),
+            Location::Buffered(_)
+        ));
+        assert_eq!(
+            t.locate(&rel("/a/x")).unwrap(),
+            Location::Absent {
+                parent_present: true
+            }
+        );
+        assert_eq!(
+            t.locate(&rel("/q/x")).unwrap(),
+            Location::Absent {
+                parent_present: false
+            }
+        );
+    }
+
+    #[test]
+    fn buffered_lists_parents_first_and_skips_temporaries() {
+        let t = target_with(&[
+            "p/t.zfsyncbuffer",
+            "p/t.zfsyncbuffer/2F612F62",
+            "p/t.zfsyncbuffer/2F61",
+            "p/t.zfsyncbuffer/2F61.full",
+            "p/t.zfsyncbuffer/top.old",
+            "p/t.zfsyncbuffer/junk",
+        ]);
+        let got: Vec<String> = t.buffered().iter().map(|(r, _)| r.to_string()).collect();
+        assert_eq!(got, ["/a", "/a/b"]);
+    }
+
+    #[test]
+    fn rename_moves_descendants_in_the_cache() {
+        let t = target_with(&["p/t.zfsyncbuffer/2F61", "p/t.zfsyncbuffer/2F61/x", "p/t"]);
+        t.renamed(&ds("p/t.zfsyncbuffer/2F61"), &ds("p/t/a"));
+        assert!(t.exists(&ds("p/t/a")) && t.exists(&ds("p/t/a/x")));
+        assert!(!t.exists(&ds("p/t.zfsyncbuffer/2F61")));
+        t.destroyed(&ds("p/t/a"));
+        assert!(!t.exists(&ds("p/t/a/x")) && t.exists(&ds("p/t")));
+    }
+
+    #[test]
+    fn locks_are_exclusive_and_freed_on_drop() {
+        let t = target_with(&[]);
+        let r = RelPath::new("/a").unwrap();
+        let l = t.try_lock(&r).unwrap();
+        assert!(t.try_lock(&r).is_none());
+        drop(l);
+        assert!(t.try_lock(&r).is_some());
+    }
+
+    #[test]
+    fn temp_names() {
+        let t = target_with(&[]);
+        assert_eq!(
+            t.full_temp_name(&RelPath::new("/a").unwrap())
+                .unwrap()
+                .as_str(),
+            "p/t.zfsyncbuffer/2F61.full"
+        );
+        assert_eq!(
+            t.old_temp_name(&RelPath::root()).unwrap().as_str(),
+            "p/t.zfsyncbuffer/top.old"
+        );
+    }
+}

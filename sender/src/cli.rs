@@ -1,0 +1,132 @@
+//! The command line of `zfsync-send`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use zfsync_common::client::ClientOptions;
+use zfsync_common::naming::DatasetName;
+use zfsync_common::protocol::DEFAULT_PORT;
+use zfsync_common::tls::{client_config, TlsFiles};
+use zfsync_common::zfs::Zfs;
+
+use crate::{exit, Options, SendError};
+
+/// Replicates SOURCE_DATASET and all its children, snapshot by snapshot, to
+/// the zfsync-recv daemon on RECEIVER_HOST over mutually authenticated TLS.
+///
+/// Exit status: 0 every dataset in sync; 1 one or more datasets failed;
+/// 2 bad command line or configuration; 3 receiver unreachable or refused
+/// this sender.
+#[derive(Parser, Debug)]
+#[command(name = "zfsync-send", version)]
+pub struct Args {
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// The receiver's TCP port.
+    #[arg(short, long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Parallel worker connections.
+    #[arg(short, long, value_name = "THREADS", default_value_t = 4)]
+    pub threads: usize,
+    /// Append the log to this file instead of stderr.
+    #[arg(short = 'o', long = "log-file", value_name = "LOGFILE")]
+    pub log_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signs the receiver's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// This sender's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// This sender's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// The name the receiver's certificate must carry (default: RECEIVER_HOST).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Replace a receiver's copy that has no snapshot in common with the
+    /// source (or has diverged). The old copy is kept until the new one is
+    /// whole.
+    #[arg(long)]
+    pub full: bool,
+    /// The zfs binary.
+    #[arg(long, value_name = "PATH", default_value = "zfs")]
+    pub zfs: PathBuf,
+    /// Seconds to wait for the receiver's next message.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub timeout: u64,
+    /// The dataset tree to replicate.
+    #[arg(value_name = "SOURCE_DATASET")]
+    pub source: String,
+    /// Host name or address of the zfsync-recv daemon.
+    #[arg(value_name = "RECEIVER_HOST")]
+    pub receiver: String,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = zfsync_common::logging::init(1, args.verbose, args.log_file.as_deref()) {
+        eprintln!("zfsync-send: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zfsync-send: cannot start the runtime: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    ExitCode::from(rt.block_on(run(args)))
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> u8 {
+    tracing::error!("{msg}");
+    eprintln!("zfsync-send: {msg}");
+    code
+}
+
+async fn run(args: Args) -> u8 {
+    let source = match DatasetName::new(&args.source) {
+        Ok(s) => s,
+        Err(e) => return fail(exit::USAGE, format!("invalid source dataset: {e}")),
+    };
+    let tls = match client_config(&TlsFiles {
+        ca: &args.ca,
+        cert: &args.cert,
+        key: &args.key,
+    }) {
+        Ok(t) => t,
+        Err(e) => return fail(exit::USAGE, e),
+    };
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let receiver = format!("{}:{}", args.receiver, args.port);
+    let opts = Options {
+        source: source.clone(),
+        zfs: Zfs::new(&args.zfs),
+        client: ClientOptions {
+            host: args.receiver.clone(),
+            port: args.port,
+            server_name: args.server_name.unwrap_or_else(|| args.receiver.clone()),
+            tls,
+            run_id: format!("{}-{nanos}", std::process::id()),
+            connect_timeout: Duration::from_secs(20),
+            read_timeout: Duration::from_secs(args.timeout.max(1)),
+        },
+        threads: args.threads.max(1),
+        allow_full: args.full,
+    };
+    match crate::run(opts).await {
+        Ok(report) => {
+            print!("{}", crate::summary(&source, &receiver, &report));
+            report.exit_code()
+        }
+        Err(e @ SendError::Connect(_)) => fail(exit::UNREACHABLE, e),
+        Err(e @ SendError::NoSource(_)) => fail(exit::USAGE, e),
+        Err(e) => fail(exit::FAILED, e),
+    }
+}
