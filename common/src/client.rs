@@ -116,7 +116,7 @@ impl Client {
             addr: addr.clone(),
             after: opts.connect_timeout,
         })?
-        .map_err(|e| ClientError::Tls(explain_client_error(&e, &opts.server_name)))?;
+        .map_err(|e| ClientError::Tls(explain_client_error(&e.to_string(), &opts.server_name)))?;
         let conn = Connection::new(tls, opts.read_timeout, opts.read_timeout);
         let mut client = Client { conn };
         client
@@ -268,7 +268,11 @@ fn unexpected(got: Message, expected: &str) -> ClientError {
 /// or write after the handshake, not in the handshake itself.
 fn tls_rejection(e: ProtocolError, server_name: &str) -> ClientError {
     match e {
-        ProtocolError::Io(io) => ClientError::Tls(explain_client_error(&io, server_name)),
+        ProtocolError::Io(io) => ClientError::Tls(explain_client_error(&io.to_string(), server_name)),
+        ProtocolError::BadFrame(msg) if msg.contains("alert") => {
+            ClientError::Tls(explain_client_error(&msg, server_name))
+        }
+        ProtocolError::Peer(reason) => ClientError::Refused(reason),
         ProtocolError::Closed => ClientError::Tls(
             "the receiver closed the connection right after the TLS handshake: it rejected this sender's certificate (sign it with the CA the receiver trusts, its --ca) or its name is not in the receiver's --allow-client".to_string(),
         ),

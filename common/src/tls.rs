@@ -158,8 +158,7 @@ pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
 }
 
 /// Explains a TLS failure seen by the sender in terms of what to fix.
-pub fn explain_client_error(err: &std::io::Error, server_name: &str) -> String {
-    let msg = err.to_string();
+pub fn explain_client_error(msg: &str, server_name: &str) -> String {
     let hint = if msg.contains("NotValidForName") || msg.contains("not valid for name") {
         format!(
             "the receiver's certificate is not valid for the name {server_name:?}; connect by a name its certificate carries, or pass --server-name NAME"
@@ -175,6 +174,8 @@ pub fn explain_client_error(err: &std::io::Error, server_name: &str) -> String {
         || msg.contains("UnknownCA")
         || msg.contains("unknown ca")
         || msg.contains("AccessDenied")
+        || msg.contains("DecryptError")
+        || msg.contains("alert")
         || msg.contains("reset")
         || msg.contains("eof")
         || msg.contains("EOF")

@@ -16,7 +16,11 @@ use zfsync_common::plan::{negotiate, Decision, TargetState};
 use zfsync_common::protocol::{
     Connection, Frame, Message, PlaceFailure, ProtocolError, WireSnap, PROTOCOL_VERSION,
 };
-use zfsync_common::zfs::Snapshot;
+use zfsync_common::zfs::{Snapshot, ZfsChild};
+
+/// How long an aborted `zfs receive` may take to clean up before it is
+/// killed.
+const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 use crate::state::{DatasetLock, Location, Target};
 
@@ -445,16 +449,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             let frame = match self.next_frame().await {
                 Ok(f) => f,
                 Err(e) => {
-                    drop(stdin);
-                    child.kill().await;
+                    abort_receive(stdin, child).await;
                     tracing::warn!(peer = %self.peer, %dest, "stream cut, nothing committed: {e}");
                     return Err(e);
                 }
             };
             match frame {
                 None => {
-                    drop(stdin);
-                    child.kill().await;
+                    abort_receive(stdin, child).await;
                     tracing::warn!(peer = %self.peer, %dest, "connection closed mid-stream, nothing committed");
                     return Err(ProtocolError::Closed);
                 }
@@ -466,8 +468,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }
                 Some(Frame::Msg(Message::End { bytes })) => {
                     if bytes != total {
-                        drop(stdin);
-                        child.kill().await;
+                        abort_receive(stdin, child).await;
                         return Ok(Message::StreamFailed {
                             reason: format!(
                                 "the sender announced {bytes} bytes but {total} arrived; nothing committed"
@@ -502,16 +503,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     });
                 }
                 Some(Frame::Msg(Message::Abort { reason })) => {
-                    drop(stdin);
-                    child.kill().await;
+                    abort_receive(stdin, child).await;
                     tracing::warn!(peer = %self.peer, %dest, "sender aborted the stream: {reason}");
                     return Ok(Message::StreamFailed {
                         reason: format!("aborted by the sender: {reason}"),
                     });
                 }
                 Some(Frame::Msg(other)) => {
-                    drop(stdin);
-                    child.kill().await;
+                    abort_receive(stdin, child).await;
                     return Err(ProtocolError::Unexpected {
                         got: format!("message {}", other.name()),
                         expected: "stream data, end or abort".into(),
@@ -679,6 +678,24 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             }
         }
         Message::CleanReport { placed, failed }
+    }
+}
+
+/// Ends a `zfs receive` without committing: its stdin closes before the
+/// held-back last frame (with the stream's END record) was written, so zfs
+/// sees a truncated stream, fails and cleans up. Waiting for it (rather than
+/// killing it) means the cleanup is done when this returns; the kill is the
+/// backstop for a `zfs` that hangs.
+async fn abort_receive(stdin: Option<tokio::process::ChildStdin>, child: ZfsChild) {
+    drop(stdin);
+    let argv = child.argv().to_string();
+    // On timeout the future is dropped and with it the child, which is
+    // spawned with kill_on_drop.
+    match tokio::time::timeout(ABORT_WAIT, child.wait()).await {
+        Ok(_) => {}
+        Err(_) => {
+            tracing::warn!(%argv, "zfs receive did not exit after its stream was cut; killed")
+        }
     }
 }
 

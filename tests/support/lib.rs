@@ -1,1 +1,560 @@
-//! End-to-end test harness.
+//! End-to-end test harness: real zfs-fuse (or kernel ZFS) pools, the real
+//! `zfsync-recv` and `zfsync-send` binaries, certificates made by
+//! `scripts/make-certs.sh`. Every test gets pools of its own, so tests run
+//! in parallel; on failure the commands' output is printed.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root (this package's manifest dir).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A built binary of the workspace, next to the test executable's `deps/`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run the tests with `cargo test --workspace` (make test), which builds it",
+        p.display()
+    );
+    p
+}
+
+fn zfs_path() -> &'static str {
+    static P: OnceLock<String> = OnceLock::new();
+    P.get_or_init(|| {
+        for c in ["/usr/sbin/zfs", "/sbin/zfs", "/usr/local/sbin/zfs"] {
+            if Path::new(c).exists() {
+                return c.to_string();
+            }
+        }
+        "zfs".to_string()
+    })
+}
+
+/// Fails the test (never skips) when ZFS is not usable.
+pub fn ensure_zfs() {
+    static OK: OnceLock<Result<(), String>> = OnceLock::new();
+    let r = OK.get_or_init(|| match Command::new("zpool").arg("list").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+        Err(e) => Err(e.to_string()),
+    });
+    if let Err(e) = r {
+        panic!("ZFS is not usable here ({e}); run `sudo bash scripts/zfs-setup.sh` first (.ci/run does)");
+    }
+}
+
+/// Runs a command and returns its stdout; panics with stderr on failure.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "`{cmd} {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn zfs(args: &[&str]) -> String {
+    run(zfs_path(), args)
+}
+
+/// `zfs` that may fail: (success, stdout+stderr).
+pub fn zfs_try(args: &[&str]) -> (bool, String) {
+    let out = Command::new(zfs_path())
+        .args(args)
+        .output()
+        .expect("run zfs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+pub fn exists(ds: &str) -> bool {
+    zfs_try(&["list", "-H", "-o", "name", ds]).0
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A scratch directory removed at drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("zfsync-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A file-backed pool with a unique name, destroyed at drop.
+pub struct Pool {
+    pub name: String,
+    file: PathBuf,
+}
+
+impl Pool {
+    pub fn new(tag: &str) -> Pool {
+        ensure_zfs();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("zt{tag}{}x{n}", std::process::id());
+        let file = std::env::temp_dir().join(format!("{name}.img"));
+        let f = std::fs::File::create(&file).expect("pool file");
+        f.set_len(256 << 20).expect("size pool file");
+        drop(f);
+        let file_s = file.to_string_lossy().to_string();
+        run("zpool", &["create", &name, &file_s]);
+        Pool { name, file }
+    }
+
+    /// `pool/rel`.
+    pub fn ds(&self, rel: &str) -> String {
+        if rel.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.name, rel.trim_start_matches('/'))
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // zfs-fuse unmounts asynchronously: "pool is busy" for a moment.
+        for _ in 0..20 {
+            let ok = Command::new("zpool")
+                .args(["destroy", "-f", &self.name])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// The default certificates (one CA per test process) and others on demand.
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    pub fn make(dir: &Path, sender_name: &str) -> Certs {
+        let script = root().join("scripts/make-certs.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["-s", sender_name])
+            .arg(dir)
+            .output()
+            .expect("run make-certs.sh");
+        assert!(
+            out.status.success(),
+            "make-certs.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Certs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Shared by the tests of one process.
+    pub fn shared() -> &'static Certs {
+        static C: OnceLock<Certs> = OnceLock::new();
+        C.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("zfsync-certs-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            Certs::make(&dir, "zfsync-sender")
+        })
+    }
+
+    pub fn file(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    pub fn receiver_args(&self) -> Vec<String> {
+        vec![
+            "--ca".into(),
+            self.file("ca.pem"),
+            "--cert".into(),
+            self.file("receiver.pem"),
+            "--key".into(),
+            self.file("receiver.key"),
+        ]
+    }
+
+    pub fn sender_args(&self) -> Vec<String> {
+        vec![
+            "--ca".into(),
+            self.file("ca.pem"),
+            "--cert".into(),
+            self.file("sender.pem"),
+            "--key".into(),
+            self.file("sender.key"),
+        ]
+    }
+}
+
+/// A running `zfsync-recv`, killed at drop; its log is kept for failures.
+pub struct Receiver {
+    child: Child,
+    pub port: u16,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Receiver {
+    pub fn start(target: &str, tls: &[String], extra: &[&str]) -> Receiver {
+        let mut child = Command::new(bin("zfsync-recv"))
+            .args(["-p", "0", "-l", "127.0.0.1"])
+            .args(tls)
+            .args(extra)
+            .arg(target)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start zfsync-recv");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                    let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                    if let (Some(tx), Ok(p)) = (tx.take(), port.parse::<u16>()) {
+                        let _ = tx.send(p);
+                    }
+                }
+                let mut l = log2.lock().unwrap_or_else(|p| p.into_inner());
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let port = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(p) => p,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "zfsync-recv did not start:\n{}",
+                    log.lock().unwrap_or_else(|p| p.into_inner())
+                );
+            }
+        };
+        Receiver { child, port, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal and waits for the exit status.
+    pub fn signal_and_wait(
+        &mut self,
+        sig: &str,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        run("kill", &[&format!("-{sig}"), &self.pid().to_string()]);
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- zfsync-recv log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A finished `zfsync-send` run.
+pub struct SendRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub argv: String,
+}
+
+impl SendRun {
+    pub fn dump(&self) -> String {
+        format!(
+            "$ {}\nexit {}\n--- stdout\n{}--- stderr\n{}",
+            self.argv, self.code, self.stdout, self.stderr
+        )
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "unexpected exit status:\n{}", self.dump());
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_stdout_has(&self, s: &str) -> &Self {
+        assert!(
+            self.stdout.contains(s),
+            "stdout lacks {s:?}:\n{}",
+            self.dump()
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_stderr_has(&self, s: &str) -> &Self {
+        assert!(
+            self.stderr.contains(s),
+            "stderr lacks {s:?}:\n{}",
+            self.dump()
+        );
+        self
+    }
+}
+
+/// Runs `zfsync-send` with the given TLS and other arguments.
+pub fn send(tls: &[String], args: &[&str]) -> SendRun {
+    let out: Output = Command::new(bin("zfsync-send"))
+        .args(tls)
+        .args(args)
+        .output()
+        .expect("run zfsync-send");
+    let argv = format!("zfsync-send {} {}", tls.join(" "), args.join(" "));
+    SendRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        argv,
+    }
+}
+
+/// A `--zfs` wrapper that logs every call, one line each, then runs zfs.
+pub struct ZfsSpy {
+    _dir: TempDir,
+    pub script: String,
+    log: PathBuf,
+}
+
+impl ZfsSpy {
+    pub fn new() -> ZfsSpy {
+        let dir = TempDir::new("spy");
+        let log = dir.path().join("calls.log");
+        let script = dir.path().join("zfs");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> '{}'\nexec {} \"$@\"\n",
+                log.display(),
+                zfs_path()
+            ),
+        )
+        .expect("write spy");
+        run("chmod", &["+x", &script.to_string_lossy()]);
+        ZfsSpy {
+            script: script.to_string_lossy().into_owned(),
+            _dir: dir,
+            log,
+        }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+impl Default for ZfsSpy {
+    fn default() -> Self {
+        ZfsSpy::new()
+    }
+}
+
+/// Snapshot GUIDs under `root`, keyed by the name relative to it
+/// (`@s1`, `/a@s1`).
+pub fn snapshot_guids(root: &str) -> BTreeMap<String, String> {
+    let out = zfs(&["get", "-H", "-p", "-r", "-o", "name,value", "guid", root]);
+    out.lines()
+        .filter_map(|l| {
+            let (name, guid) = l.split_once('\t')?;
+            let rel = name.strip_prefix(root)?;
+            rel.contains('@')
+                .then(|| (rel.to_string(), guid.to_string()))
+        })
+        .collect()
+}
+
+/// Dataset names (no snapshots) under `root`, relative to it.
+pub fn datasets(root: &str) -> Vec<String> {
+    zfs(&["list", "-H", "-o", "name", "-r", root])
+        .lines()
+        .filter_map(|l| l.strip_prefix(root).map(str::to_string))
+        .collect()
+}
+
+/// Everything in a pool, with GUIDs: to prove that nothing changed.
+pub fn pool_state(pool: &str) -> String {
+    zfs(&["get", "-H", "-p", "-r", "-o", "name,value", "guid", pool])
+}
+
+pub fn mountpoint(ds: &str) -> PathBuf {
+    PathBuf::from(zfs(&["get", "-H", "-o", "value", "mountpoint", ds]).trim())
+}
+
+/// Writes a file into a mounted dataset.
+pub fn write_file(ds: &str, name: &str, data: &[u8]) {
+    let p = mountpoint(ds).join(name);
+    std::fs::write(&p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+}
+
+/// Deterministic pseudo-random bytes (incompressible enough for streams).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The files of one dataset as of snapshot `snap` (`pool/ds@s`), read
+/// through a temporary clone so that the replica itself is never mounted
+/// or modified.
+pub fn files_at(snap: &str) -> BTreeMap<String, Vec<u8>> {
+    let (ds, _) = snap.split_once('@').expect("snapshot name");
+    let pool = ds.split('/').next().expect("pool");
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let clone = format!("{pool}/verify{}x{n}", std::process::id());
+    let dir = TempDir::new("clone");
+    let mp = format!("mountpoint={}", dir.path().display());
+    zfs(&["clone", "-o", &mp, snap, &clone]);
+    // zfs-fuse mounts asynchronously.
+    let mut files = BTreeMap::new();
+    for _ in 0..50 {
+        files = read_tree(dir.path());
+        if !files.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..40 {
+        if zfs_try(&["destroy", &clone]).0 {
+            break;
+        }
+        let _ = zfs_try(&["unmount", &clone]);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    files
+}
+
+fn read_tree(top: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == ".zfs") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(data) = std::fs::read(&p) {
+                let rel = p
+                    .strip_prefix(top)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(rel, data);
+            }
+        }
+    }
+    out
+}
+
+/// Asserts that every dataset under `src` has, at snapshot `snap`, the same
+/// files (byte for byte) as its replica under `dst`.
+#[track_caller]
+pub fn assert_same_files(src: &str, dst: &str, snap: &str) {
+    for rel in datasets(src) {
+        let a = files_at(&format!("{src}{rel}@{snap}"));
+        let b = files_at(&format!("{dst}{rel}@{snap}"));
+        assert!(!a.is_empty(), "no files in {src}{rel}@{snap}");
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "file lists differ for {rel:?}"
+        );
+        for (name, data) in &a {
+            assert!(b[name] == *data, "{rel}/{name} differs at @{snap}");
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! End to end, driving the real receiver step by step with the protocol
+//! client: out-of-order arrival and the buffer, hostile names, rejected
+//! certificates, cut connections.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use zfsync_common::client::{Client, ClientOptions};
+use zfsync_common::naming::{RelPath, SnapName};
+use zfsync_common::protocol::{Message, WireSnap};
+use zfsync_common::tls::{client_config, TlsFiles};
+use zfsync_common::zfs::Snapshot;
+use zfsync_e2e::*;
+
+fn options(certs: &Certs, port: u16, run_id: &str) -> ClientOptions {
+    let ca = certs.dir.join("ca.pem");
+    let cert = certs.dir.join("sender.pem");
+    let key = certs.dir.join("sender.key");
+    ClientOptions {
+        host: "127.0.0.1".into(),
+        port,
+        server_name: "localhost".into(),
+        tls: client_config(&TlsFiles {
+            ca: &ca,
+            cert: &cert,
+            key: &key,
+        })
+        .expect("client config"),
+        run_id: run_id.into(),
+        connect_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(60),
+    }
+}
+
+/// The snapshots of one source dataset, oldest first, as the sender sees
+/// them.
+fn snaps(ds: &str) -> Vec<Snapshot> {
+    let out = zfs(&[
+        "get",
+        "-H",
+        "-p",
+        "-r",
+        "-d",
+        "1",
+        "-o",
+        "name,property,value",
+        "guid,createtxg,type",
+        ds,
+    ]);
+    let tree = zfsync_common::zfs::parse_get(&out).expect("parse");
+    tree.datasets
+        .into_values()
+        .find(|d| d.name.as_str() == ds)
+        .expect("dataset listed")
+        .snapshots
+}
+
+/// Streams `zfs send [-I from] ds@to` through the client.
+async fn stream(client: &mut Client, ds: &str, from: Option<&Snapshot>, to: &Snapshot) -> u64 {
+    client
+        .begin_stream(from.map(|f| f.guid), to)
+        .await
+        .expect("stream accepted");
+    let mut cmd = tokio::process::Command::new("zfs");
+    cmd.arg("send");
+    if let Some(f) = from {
+        cmd.args(["-I", &format!("{ds}@{}", f.name)]);
+    }
+    cmd.arg(format!("{ds}@{}", to.name));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("zfs send");
+    let mut out = child.stdout.take().expect("stdout");
+    let n = client.pump(&mut out, |_| {}).await.expect("pump");
+    assert!(child.wait().await.expect("wait").success());
+    client.end_stream(n).await.expect("received");
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
+    let certs = Certs::shared();
+    let a = Pool::new("order");
+    let b = Pool::new("order");
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    for ds in [src.clone(), format!("{src}/a"), format!("{src}/a/b")] {
+        zfs(&["create", &ds]);
+        write_file(&ds, "f", ds.as_bytes());
+    }
+    zfs(&["snapshot", "-r", &format!("{src}@s1")]);
+    zfs(&["snapshot", "-r", &format!("{src}@s2")]);
+    let recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    let mut c = Client::connect(&options(certs, recv.port, "order-1"))
+        .await
+        .expect("connect");
+    let rel = |p: &str| RelPath::new(p).unwrap();
+
+    // The top dataset first.
+    let top = snaps(&src);
+    assert_eq!(
+        c.sync(&rel(""), &top, false).await.unwrap(),
+        Message::New { buffered: false }
+    );
+    stream(&mut c, &src, None, &top[0]).await;
+    stream(&mut c, &src, Some(&top[0]), &top[1]).await;
+    c.finish().await.unwrap();
+
+    // /a/b before /a: into the buffer, under ZFSync's hex name.
+    let ab = format!("{src}/a/b");
+    let ab_snaps = snaps(&ab);
+    assert_eq!(
+        c.sync(&rel("/a/b"), &ab_snaps[..1], false).await.unwrap(),
+        Message::New { buffered: true }
+    );
+    stream(&mut c, &ab, None, &ab_snaps[0]).await;
+    let (location, buffered) = c.finish().await.unwrap();
+    let hexed = format!("{dst}.zfsyncbuffer/2F612F62");
+    assert_eq!((location.as_str(), buffered), (hexed.as_str(), true));
+    assert!(exists(&hexed));
+    assert_eq!(
+        zfs(&[
+            "get",
+            "-H",
+            "-o",
+            "value",
+            "mountpoint",
+            &format!("{dst}.zfsyncbuffer")
+        ])
+        .trim(),
+        "none"
+    );
+
+    // A later incremental into the still-buffered dataset.
+    match c.sync(&rel("/a/b"), &ab_snaps, false).await.unwrap() {
+        Message::Incremental { count: 1, .. } => {}
+        other => panic!("expected an incremental, got {other:?}"),
+    }
+    stream(&mut c, &ab, Some(&ab_snaps[0]), &ab_snaps[1]).await;
+    assert_eq!(c.finish().await.unwrap(), (hexed.clone(), true));
+
+    // cleanbuffer cannot place it yet (no parent), says so, keeps it.
+    let (placed, failed) = c.clean_buffer().await.unwrap();
+    assert!(placed.is_empty());
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].path, "/a/b");
+    assert!(
+        failed[0].reason.contains("not on the receiver yet"),
+        "{:?}",
+        failed[0]
+    );
+    assert!(exists(&hexed));
+
+    // The parent arrives; the next cleanbuffer places the child.
+    let a_snaps = snaps(&format!("{src}/a"));
+    assert_eq!(
+        c.sync(&rel("/a"), &a_snaps, false).await.unwrap(),
+        Message::New { buffered: false }
+    );
+    stream(&mut c, &format!("{src}/a"), None, &a_snaps[0]).await;
+    stream(&mut c, &format!("{src}/a"), Some(&a_snaps[0]), &a_snaps[1]).await;
+    c.finish().await.unwrap();
+    let (placed, failed) = c.clean_buffer().await.unwrap();
+    assert_eq!(placed, vec!["/a/b".to_string()]);
+    assert!(failed.is_empty(), "{failed:?}");
+    c.bye().await;
+    assert!(!exists(&hexed));
+    assert!(
+        !exists(&format!("{dst}.zfsyncbuffer")),
+        "empty buffer removed"
+    );
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+
+    // The sender's next run finds everything up to date.
+    send(
+        &certs.sender_args(),
+        &["-p", &recv.port.to_string(), &src, "127.0.0.1"],
+    )
+    .assert_code(0)
+    .assert_stdout_has("datasets: 3 (3 up to date");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_left_in_the_buffer_is_placed_by_a_later_run() {
+    let certs = Certs::shared();
+    let a = Pool::new("later");
+    let b = Pool::new("later");
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    for ds in [src.clone(), format!("{src}/x"), format!("{src}/x/y")] {
+        zfs(&["create", &ds]);
+    }
+    zfs(&["snapshot", "-r", &format!("{src}@s1")]);
+    let recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    // An interrupted earlier run left /x/y in the buffer.
+    let mut c = Client::connect(&options(certs, recv.port, "later-1"))
+        .await
+        .unwrap();
+    let xy = format!("{src}/x/y");
+    let s = snaps(&xy);
+    c.sync(&RelPath::new("/x/y").unwrap(), &s, false)
+        .await
+        .unwrap();
+    stream(&mut c, &xy, None, &s[0]).await;
+    c.finish().await.unwrap();
+    c.bye().await;
+    assert!(exists(&format!("{dst}.zfsyncbuffer/2F782F79")));
+    // A whole run brings the rest and places it.
+    send(
+        &certs.sender_args(),
+        &["-p", &recv.port.to_string(), "-t", "1", &src, "127.0.0.1"],
+    )
+    .assert_code(0)
+    .assert_stdout_has("datasets: 3 (1 up to date, 2 sent, 0 failed)");
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+    assert!(!exists(&format!("{dst}.zfsyncbuffer")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_are_refused_and_nothing_changes() {
+    let certs = Certs::shared();
+    let b = Pool::new("hostile");
+    zfs(&["create", &b.ds("outside")]);
+    zfs(&["create", &b.ds("t")]);
+    zfs(&["snapshot", &b.ds("t@s0")]);
+    let recv = Receiver::start(&b.ds("t"), &certs.receiver_args(), &[]);
+    let before = pool_state(&b.name);
+    let mut c = Client::connect(&options(certs, recv.port, "hostile"))
+        .await
+        .unwrap();
+    let good = vec![WireSnap {
+        name: "s1".into(),
+        guid: 1,
+        createtxg: 1,
+    }];
+    let long = format!("/{}", "a".repeat(300));
+    let paths = [
+        "/../x",
+        "/a@b",
+        "/a/../../etc",
+        long.as_str(),
+        "/a//b",
+        "//",
+        "/",
+        "/a/",
+        "/a\0b",
+        "x",
+        "../outside",
+        "/./a",
+        "/a#b",
+        "/a%b",
+        "/a b",
+        "/\n",
+        "/a\u{7f}",
+        "/é",
+    ];
+    for p in paths {
+        let conn = c.connection();
+        conn.send(Message::Sync {
+            path: p.to_string(),
+            snapshots: good.clone(),
+            allow_full: true,
+        })
+        .await
+        .unwrap();
+        match conn.read_msg().await.unwrap() {
+            Message::Refused {
+                reason,
+                temporary: false,
+            } => {
+                assert!(reason.contains("invalid dataset path"), "{p:?}: {reason}")
+            }
+            other => panic!("{p:?} not refused: {other:?}"),
+        }
+    }
+    // Hostile snapshot names.
+    for name in ["", "a@b", "../x", "a/b", "a#b", "x\0", &"s".repeat(300)] {
+        let conn = c.connection();
+        conn.send(Message::Sync {
+            path: "/ok".into(),
+            snapshots: vec![WireSnap {
+                name: name.to_string(),
+                guid: 5,
+                createtxg: 5,
+            }],
+            allow_full: false,
+        })
+        .await
+        .unwrap();
+        match conn.read_msg().await.unwrap() {
+            Message::Refused { reason, .. } => {
+                assert!(reason.contains("invalid snapshot name"), "{reason}")
+            }
+            other => panic!("{name:?} not refused: {other:?}"),
+        }
+    }
+    // An empty snapshot list never reaches zfs.
+    c.connection()
+        .send(Message::Sync {
+            path: "/ok".into(),
+            snapshots: vec![],
+            allow_full: true,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.connection().read_msg().await.unwrap(),
+        Message::Refused { .. }
+    ));
+    // A stream announced without a sync request ends the connection.
+    c.connection()
+        .send(Message::Stream {
+            from_guid: None,
+            to: good[0].clone(),
+        })
+        .await
+        .unwrap();
+    assert!(c.connection().read_msg().await.is_err());
+    assert_eq!(pool_state(&b.name), before, "nothing changed in the pool");
+    // The receiver still serves others.
+    let mut c2 = Client::connect(&options(certs, recv.port, "hostile-2"))
+        .await
+        .unwrap();
+    let s = vec![Snapshot {
+        name: SnapName::new("s1").unwrap(),
+        guid: 9,
+        createtxg: 9,
+    }];
+    assert!(matches!(
+        c2.sync(&RelPath::new("/fresh").unwrap(), &s, false)
+            .await
+            .unwrap(),
+        Message::New { buffered: false }
+    ));
+}
+
+#[test]
+fn foreign_or_missing_certificates_are_refused() {
+    let certs = Certs::shared();
+    let a = Pool::new("certs");
+    let b = Pool::new("certs");
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    zfs(&["create", &src]);
+    zfs(&["snapshot", &format!("{src}@s1")]);
+    let recv = Receiver::start(
+        &dst,
+        &certs.receiver_args(),
+        &["--allow-client", "zfsync-sender"],
+    );
+    let port = recv.port.to_string();
+    let before = pool_state(&b.name);
+
+    // A sender whose certificate another CA signed (it trusts our CA).
+    let other_dir = TempDir::new("otherca");
+    let other = Certs::make(other_dir.path(), "zfsync-sender");
+    let tls = vec![
+        "--ca".to_string(),
+        certs.file("ca.pem"),
+        "--cert".into(),
+        other.file("sender.pem"),
+        "--key".into(),
+        other.file("sender.key"),
+    ];
+    send(&tls, &["-p", &port, &src, "127.0.0.1"])
+        .assert_code(3)
+        .assert_stderr_has("rejected this sender's certificate");
+
+    // A receiver certificate from another CA: the sender refuses it.
+    send(&other.sender_args(), &["-p", &port, &src, "127.0.0.1"])
+        .assert_code(3)
+        .assert_stderr_has("not signed by the CA given with --ca");
+
+    // Right CA, but a name the receiver does not allow.
+    let named_dir = TempDir::new("named");
+    let _ = std::fs::copy(certs.dir.join("ca.pem"), named_dir.path().join("ca.pem"));
+    let _ = std::fs::copy(certs.dir.join("ca.key"), named_dir.path().join("ca.key"));
+    let named = Certs::make(named_dir.path(), "intruder");
+    send(&named.sender_args(), &["-p", &port, &src, "127.0.0.1"])
+        .assert_code(3)
+        .assert_stderr_has("--allow-client");
+
+    // No client certificate at all.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in zfsync_common::tls::load_certs("CA", &certs.dir.join("ca.pem")).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut opts = options(certs, recv.port, "nocert");
+        opts.tls = Arc::new(cfg);
+        let err = match Client::connect(&opts).await {
+            Ok(_) => panic!("a client without a certificate was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("certificate"), "{err}");
+    });
+    assert_eq!(pool_state(&b.name), before, "nothing changed on the target");
+    assert!(recv.log().contains("TLS handshake failed") || recv.log().contains("allow-client"));
+}
+
+/// A TCP relay that cuts both directions once `limit` bytes went from the
+/// client to the server while `armed`.
+async fn cutting_proxy(to: u16, limit: u64, armed: Arc<AtomicBool>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            let armed = armed.clone();
+            tokio::spawn(async move {
+                let Ok(mut out) = TcpStream::connect(("127.0.0.1", to)).await else {
+                    return;
+                };
+                let (mut ri, mut wi) = inbound.split();
+                let (mut ro, mut wo) = out.split();
+                let up = async {
+                    let mut sent = 0u64;
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match ri.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if wo.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        sent += n as u64;
+                        if armed.load(Ordering::SeqCst) && sent > limit {
+                            return; // cut
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut ro, &mut wi);
+                tokio::select! { _ = up => {}, _ = down => {} }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_cut_connection_leaves_the_target_unchanged() {
+    let certs = Certs::shared();
+    let a = Pool::new("cut");
+    let b = Pool::new("cut");
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    zfs(&["create", &src]);
+    write_file(&src, "big", &noise(6 << 20, 1));
+    zfs(&["snapshot", &format!("{src}@s1")]);
+    let recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let armed = Arc::new(AtomicBool::new(true));
+    let proxy = rt.block_on(cutting_proxy(recv.port, 2 << 20, armed.clone()));
+    let via_proxy = |extra: &[&str]| {
+        let port = proxy.to_string();
+        let mut args = vec!["-p", port.as_str(), "-t", "1", "--server-name", "localhost"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[src.as_str(), "127.0.0.1"]);
+        send(&certs.sender_args(), &args)
+    };
+
+    // Cut during a full stream: no partial dataset.
+    let before = pool_state(&b.name);
+    let run = via_proxy(&[]);
+    run.assert_code(1);
+    assert!(!exists(&dst), "partial dataset:\n{}", run.dump());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(pool_state(&b.name), before);
+
+    // The next run completes.
+    armed.store(false, Ordering::SeqCst);
+    via_proxy(&[]).assert_code(0);
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+
+    // Cut during an incremental: the target stays at @s1.
+    write_file(&src, "big2", &noise(6 << 20, 2));
+    zfs(&["snapshot", &format!("{src}@s2")]);
+    armed.store(true, Ordering::SeqCst);
+    let guids = snapshot_guids(&dst);
+    via_proxy(&[]).assert_code(1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(snapshot_guids(&dst), guids);
+    armed.store(false, Ordering::SeqCst);
+    via_proxy(&[])
+        .assert_code(0)
+        .assert_stdout_has("incremental @s1..@s2");
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+    assert!(recv.log().contains("nothing committed"), "{}", recv.log());
+}
+
+#[test]
+fn sigterm_stops_the_receiver_cleanly() {
+    let certs = Certs::shared();
+    let b = Pool::new("term");
+    let mut recv = Receiver::start(&b.ds("t"), &certs.receiver_args(), &[]);
+    let status = recv
+        .signal_and_wait("TERM", Duration::from_secs(10))
+        .expect("zfsync-recv exits on SIGTERM");
+    assert!(status.success(), "exit status {status:?}\n{}", recv.log());
+    assert!(recv.log().contains("SIGTERM received"));
+}
