@@ -352,3 +352,53 @@ fn bad_input_names_the_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("zfs create -p"), "{err}");
 }
+
+#[test]
+fn pool_root_target_takes_full_once_and_reserves_the_buffer_name() {
+    let certs = Certs::shared();
+    let a = Pool::new("root");
+    let b = Pool::new("root");
+    let src = a.ds("src");
+    for ds in [
+        src.clone(),
+        format!("{src}/a"),
+        format!("{src}/a/b"),
+        format!("{src}/c"),
+    ] {
+        zfs(&["create", &ds]);
+        write_file(&ds, "f", ds.as_bytes());
+    }
+    zfs(&["snapshot", "-r", &format!("{src}@s1")]);
+    let recv = Receiver::start(&b.name, &certs.receiver_args(), &[]);
+    let port = recv.port.to_string();
+
+    // The pool's root exists without snapshots: only --full may fill it
+    // (its children need no --full: their parent, the root, exists).
+    let root_guid = |s: String| s.lines().next().map(str::to_string);
+    let before = root_guid(pool_state(&b.name));
+    send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"])
+        .assert_code(1)
+        .assert_stdout_has("exists on the receiver but has no snapshots")
+        .assert_stdout_has("--full")
+        .assert_stdout_has("datasets: 4 (0 up to date, 3 sent, 1 failed)");
+    assert_eq!(root_guid(pool_state(&b.name)), before);
+    assert!(snapshot_guids(&b.name).keys().all(|k| !k.starts_with('@')));
+
+    send(
+        &certs.sender_args(),
+        &["-p", &port, "--full", "-t", "4", &src, "127.0.0.1"],
+    )
+    .assert_code(0);
+    assert_eq!(snapshot_guids(&b.name), snapshot_guids(&src));
+    assert!(!exists(&format!("{}/zfsyncbuffer", b.name)));
+    send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"])
+        .assert_code(0)
+        .assert_stdout_has("datasets: 4 (4 up to date");
+
+    // A source dataset named like the buffer is refused, not mixed in.
+    zfs(&["create", &format!("{src}/zfsyncbuffer")]);
+    zfs(&["snapshot", "-r", &format!("{src}@s2")]);
+    send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"])
+        .assert_code(1)
+        .assert_stdout_has("reserved for the receiver's buffer");
+}

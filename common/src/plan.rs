@@ -309,7 +309,10 @@ mod tests {
         }
     }
 
-    fn names(steps: &[Step]) -> Vec<(Option<String>, String)> {
+    /// A step as (from, to) snapshot names.
+    type Named = (Option<String>, String);
+
+    fn names(steps: &[Step]) -> Vec<Named> {
         steps
             .iter()
             .map(|st| (st.from.map(|f| f.name.to_string()), st.to.name.to_string()))
@@ -328,7 +331,7 @@ mod tests {
             reason: FullReason::TargetHasNoSnapshots,
             accepted: false,
         };
-        let table: Vec<(&[Snapshot], Decision, Vec<(Option<String>, String)>)> = vec![
+        let table: Vec<(&[Snapshot], Decision, Vec<Named>)> = vec![
             (
                 &source,
                 Decision::New { buffered: false },

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use zfsync_common::naming::{is_reserved, DatasetName, RelPath};
-use zfsync_common::plan::{negotiate, Decision, TargetState};
+use zfsync_common::plan::{negotiate, Decision, FullReason, TargetState};
 use zfsync_common::protocol::{
     Connection, Frame, Message, PlaceFailure, ProtocolError, WireSnap, PROTOCOL_VERSION,
 };
@@ -30,6 +30,10 @@ enum Mode {
     Direct,
     /// Into a temporary dataset that replaces `replaces` once whole.
     Replace { replaces: DatasetName },
+    /// A full stream with `-F` into an existing dataset that has no
+    /// snapshots (`--full`; zfs swaps the new copy in only when it is
+    /// whole). The only way to fill a pool's root dataset.
+    Overwrite,
 }
 
 /// The dataset a connection is working on, from `Sync` to `Finish`.
@@ -349,6 +353,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 let Some(replaces) = current else {
                     return refused("internal error: full without a dataset");
                 };
+                if reason == FullReason::TargetHasNoSnapshots {
+                    tracing::info!(peer = %self.peer, %rel, "--full into {replaces}, which has no snapshots");
+                    self.open = Some(open(replaces, buffered, Mode::Overwrite));
+                    return Message::Full {
+                        reason: reason.to_string(),
+                        accepted: true,
+                    };
+                }
                 if replaces.is_pool_root() {
                     return refused(format!(
                         "{replaces} is a pool's root dataset, which cannot be replaced; destroy its snapshots by hand or receive into a dataset below the pool"
@@ -398,6 +410,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let exists = self.target.exists(&open.dest);
         match (from_guid, exists, newest) {
             (None, false, _) => Ok((to, false)),
+            (None, true, None) if matches!(open.mode, Mode::Overwrite) => Ok((to, true)),
             (None, true, _) => Err(format!(
                 "{} exists: a full stream cannot be received into it",
                 open.dest
@@ -542,7 +555,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             return refused(format!("nothing was received for {}", open.rel));
         }
         match &open.mode {
-            Mode::Direct => Message::Done {
+            Mode::Direct | Mode::Overwrite => Message::Done {
                 location: open.dest.to_string(),
                 buffered: open.buffered,
             },

@@ -196,9 +196,7 @@ async fn worker(
         let Some(job) = lock(queue).pop_front() else {
             return client;
         };
-        let Some(c) = client.as_mut() else {
-            return None;
-        };
+        let c = client.as_mut()?;
         let (status, lost) = sync_dataset(c, opts, &job).await;
         if lost {
             client = None;
