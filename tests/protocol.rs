@@ -253,7 +253,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
         "/./a",
         "/a#b",
         "/a%b",
-        "/a b",
+        "/a\tb",
         "/\n",
         "/a\u{7f}",
         "/é",
@@ -475,8 +475,9 @@ fn a_cut_connection_leaves_the_target_unchanged() {
     let before = pool_state(&b.name);
     let run = via_proxy(&[]);
     run.assert_code(1);
+    // The receiver notices the cut on its own time; wait for it.
+    recv.wait_for_log("stream cut", 1, Duration::from_secs(60));
     assert!(!exists(&dst), "partial dataset:\n{}", run.dump());
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(pool_state(&b.name), before);
 
     // The next run completes.
@@ -490,14 +491,13 @@ fn a_cut_connection_leaves_the_target_unchanged() {
     armed.store(true, Ordering::SeqCst);
     let guids = snapshot_guids(&dst);
     via_proxy(&[]).assert_code(1);
-    std::thread::sleep(Duration::from_millis(300));
+    recv.wait_for_log("stream cut", 2, Duration::from_secs(60));
     assert_eq!(snapshot_guids(&dst), guids);
     armed.store(false, Ordering::SeqCst);
     via_proxy(&[])
         .assert_code(0)
         .assert_stdout_has("incremental @s1..@s2");
     assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
-    assert!(recv.log().contains("nothing committed"), "{}", recv.log());
 }
 
 #[test]

@@ -63,6 +63,7 @@ impl ClientError {
                     | ProtocolError::BadFrame(_)
                     | ProtocolError::Unexpected { .. }
                     | ProtocolError::Peer(_)
+                    | ProtocolError::Local(_)
             )
         )
     }
@@ -189,8 +190,8 @@ impl Client {
         let mut total = 0u64;
         loop {
             let mut buf = BytesMut::with_capacity(DATA_CHUNK);
-            // Fill a whole chunk when the source is fast; send what there
-            // is when it is slow.
+            // Whole chunks: fewer frames and TLS records. A slow source only
+            // delays the chunk; the receiver's idle timeout is minutes.
             while buf.len() < DATA_CHUNK {
                 let n = reader
                     .read_buf(&mut buf)

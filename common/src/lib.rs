@@ -6,5 +6,6 @@ pub mod logging;
 pub mod naming;
 pub mod plan;
 pub mod protocol;
+pub mod stream;
 pub mod tls;
 pub mod zfs;

@@ -101,11 +101,12 @@ pub fn negotiate(source: &[Snapshot], target: &TargetState<'_>, allow_full: bool
         };
     }
     // Newest target snapshot whose GUID the source also has.
+    let guids: std::collections::HashSet<u64> = source.iter().map(|s| s.guid).collect();
     let common = snapshots
         .iter()
         .enumerate()
         .rev()
-        .find(|(_, t)| source.iter().any(|s| s.guid == t.guid));
+        .find(|(_, t)| guids.contains(&t.guid));
     let Some((idx, common)) = common else {
         return Decision::Full {
             reason: FullReason::NoCommon {

@@ -64,6 +64,10 @@ pub enum ProtocolError {
     Unexpected { got: String, expected: String },
     #[error("the peer reported an error: {0}")]
     Peer(String),
+    /// Something on this side ends the conversation (shutdown, a local
+    /// failure); the text says what, and is also sent to the peer.
+    #[error("{0}")]
+    Local(String),
 }
 
 /// A snapshot as it travels: the name is checked on arrival.

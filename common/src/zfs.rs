@@ -241,9 +241,9 @@ pub fn send_argv(from: Option<&SnapshotName>, to: &SnapshotName) -> Vec<OsString
 }
 
 /// `zfs receive -u [-F] dest`. `-u`: a replica is never mounted by the
-/// receive. `-F` only for incrementals, where the planner has already
-/// checked that the base is the destination's newest snapshot, so it can
-/// only roll back changes made inside the replica, never a snapshot.
+/// receive. `-F` only for a full stream into an existing dataset that has no
+/// snapshots (`--full`); incrementals are received without it after a
+/// `zfs rollback` to the newest snapshot, which cannot destroy snapshots.
 pub fn receive_argv(dest: &DatasetName, force: bool) -> Vec<OsString> {
     let mut v = os(&["receive", "-u"]);
     if force {
@@ -261,8 +261,21 @@ pub fn create_unmounted_argv(ds: &DatasetName) -> Vec<OsString> {
     os(&["create", "-o", "mountpoint=none", ds.as_str()])
 }
 
-pub fn destroy_argv(ds: &DatasetName) -> Vec<OsString> {
-    os(&["destroy", "-r", ds.as_str()])
+pub fn destroy_argv(ds: &DatasetName, recursive: bool) -> Vec<OsString> {
+    if recursive {
+        os(&["destroy", "-r", ds.as_str()])
+    } else {
+        os(&["destroy", ds.as_str()])
+    }
+}
+
+/// `zfs rollback snap`, never `-r`: it refuses when newer snapshots exist.
+pub fn rollback_argv(snap: &SnapshotName) -> Vec<OsString> {
+    os(&["rollback", snap.as_str()])
+}
+
+pub fn set_argv(ds: &DatasetName, prop: &str, value: &str) -> Vec<OsString> {
+    os(&["set", &format!("{prop}={value}"), ds.as_str()])
 }
 
 /// A running `zfs send` or `zfs receive` whose stderr is being collected.
@@ -444,8 +457,23 @@ impl Zfs {
 
     /// `zfs destroy -r`, with the same busy handling as [`Zfs::rename`].
     pub async fn destroy_recursive(&self, ds: &DatasetName) -> Result<(), ZfsError> {
-        let args = destroy_argv(ds);
+        let args = destroy_argv(ds, true);
         self.retry_busy(&args, Some(ds)).await
+    }
+
+    /// `zfs destroy` without `-r`: ZFS refuses if `ds` has children or
+    /// snapshots.
+    pub async fn destroy_empty(&self, ds: &DatasetName) -> Result<(), ZfsError> {
+        let args = destroy_argv(ds, false);
+        self.retry_busy(&args, Some(ds)).await
+    }
+
+    pub async fn rollback(&self, snap: &SnapshotName) -> Result<(), ZfsError> {
+        self.retry_busy(&rollback_argv(snap), None).await
+    }
+
+    pub async fn set(&self, ds: &DatasetName, prop: &str, value: &str) -> Result<(), ZfsError> {
+        self.run(&set_argv(ds, prop, value)).await.map(drop)
     }
 
     async fn retry_busy(
@@ -545,9 +573,9 @@ ptest1/a@s2\ttype\tsnapshot
 ptest1/a@s1\tguid\t13827386497387903594
 ptest1/a@s1\tcreatetxg\t18
 ptest1/a@s1\ttype\tsnapshot
-ptest1/a b\tguid\t1
-ptest1/a b\tcreatetxg\t7
-ptest1/a b\ttype\tfilesystem
+ptest1/a\x01b\tguid\t1
+ptest1/a\x01b\tcreatetxg\t7
+ptest1/a\x01b\ttype\tfilesystem
 ";
 
     #[test]
@@ -561,7 +589,7 @@ ptest1/a b\ttype\tfilesystem
         assert_eq!(a.snapshots[1].guid, 10630045319145745963);
         assert_eq!(t.datasets[&ds("ptest1")].snapshots.len(), 1);
         assert_eq!(t.skipped.len(), 1);
-        assert_eq!(t.skipped[0].0, "ptest1/a b");
+        assert_eq!(t.skipped[0].0, "ptest1/a\x01b");
     }
 
     #[test]
@@ -617,7 +645,17 @@ ptest1/a b\ttype\tfilesystem
             strs(create_unmounted_argv(&ds("p/b"))),
             ["create", "-o", "mountpoint=none", "p/b"]
         );
-        assert_eq!(strs(destroy_argv(&ds("p/b"))), ["destroy", "-r", "p/b"]);
+        assert_eq!(
+            strs(destroy_argv(&ds("p/b"), true)),
+            ["destroy", "-r", "p/b"]
+        );
+        assert_eq!(strs(destroy_argv(&ds("p/b"), false)), ["destroy", "p/b"]);
+        let s = SnapshotName::new("p/b@s").unwrap();
+        assert_eq!(strs(rollback_argv(&s)), ["rollback", "p/b@s"]);
+        assert_eq!(
+            strs(set_argv(&ds("p/b"), "canmount", "noauto")),
+            ["set", "canmount=noauto", "p/b"]
+        );
         assert_eq!(
             strs(rename_argv(&ds("p/b"), &ds("p/c"))),
             ["rename", "p/b", "p/c"]

@@ -21,7 +21,7 @@ use crate::Options;
 #[derive(Parser, Debug)]
 #[command(name = "zfsync-recv", version)]
 pub struct Args {
-    /// More log output (-v info is the default for the daemon; -vv debug).
+    /// More log output (the daemon logs at info; -v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// TCP port to listen on.
@@ -118,7 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tls,
             allow_clients: args.allow_client,
             handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(args.idle_timeout),
+            idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
             max_connections: args.max_connections.max(1),
             grace: Duration::from_secs(args.grace),
         },

@@ -81,7 +81,11 @@ pub async fn run(
     let acceptor = TlsAcceptor::from(opts.tls.clone());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(opts.max_connections));
+    // Sessions are limited after authentication, so that unauthenticated
+    // peers cannot take the senders' places; handshakes have their own
+    // (larger) limit and a timeout.
+    let sessions = Arc::new(Semaphore::new(opts.max_connections));
+    let handshakes = Arc::new(Semaphore::new(opts.max_connections * 2));
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -96,10 +100,12 @@ pub async fn run(
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %addr, "refusing a connection: {} connections already open", opts.max_connections);
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %addr, "refusing a connection: too many TLS handshakes under way");
             continue;
         };
+        let sessions = sessions.clone();
+        let max = opts.max_connections;
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let shared = shared.clone();
@@ -107,7 +113,6 @@ pub async fn run(
         let handshake_timeout = opts.handshake_timeout;
         let idle = opts.idle_timeout;
         tracker.spawn(async move {
-            let _permit = permit;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Err(_) => {
                     tracing::warn!(peer = %addr, "TLS handshake timed out");
@@ -139,6 +144,16 @@ pub async fn run(
                     .await;
                 return;
             }
+            drop(handshake);
+            let Ok(_session) = sessions.try_acquire_owned() else {
+                tracing::warn!(peer = %who, "refusing: {max} connections already open");
+                let _ = conn
+                    .send(Message::Error {
+                        reason: format!("the receiver already serves {max} connections (--max-connections); try again later"),
+                    })
+                    .await;
+                return;
+            };
             tracing::info!(peer = %who, "connected");
             match Session::new(&shared.target, conn, who.clone(), cancel).serve().await {
                 Ok(()) => tracing::info!(peer = %who, "disconnected"),

@@ -16,6 +16,7 @@ use zfsync_common::plan::{negotiate, Decision, FullReason, TargetState};
 use zfsync_common::protocol::{
     Connection, Frame, Message, PlaceFailure, ProtocolError, WireSnap, PROTOCOL_VERSION,
 };
+use zfsync_common::stream::{check_head, HEAD_MAX};
 use zfsync_common::zfs::{Snapshot, ZfsChild};
 
 /// How long an aborted `zfs receive` may take to clean up before it is
@@ -34,6 +35,15 @@ enum Mode {
     /// snapshots (`--full`; zfs swaps the new copy in only when it is
     /// whole). The only way to fill a pool's root dataset.
     Overwrite,
+}
+
+/// A stream the receiver agreed to.
+struct Planned {
+    to: Snapshot,
+    /// The base's GUID; 0 for a full stream.
+    from_guid: u64,
+    /// Full stream into an existing dataset without snapshots (`-F`).
+    overwrite: bool,
 }
 
 /// The dataset a connection is working on, from `Sync` to `Finish`.
@@ -99,7 +109,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     async fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
         tokio::select! {
             biased;
-            _ = self.cancel.cancelled() => Err(ProtocolError::Peer("the receiver is shutting down".into())),
+            _ = self.cancel.cancelled() => Err(ProtocolError::Local("the receiver is shutting down".into())),
             f = self.conn.read() => f,
         }
     }
@@ -120,7 +130,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }
                 if let Err(e) = self.target.refresh_for_run(&run_id).await {
                     tracing::error!(peer = %self.peer, "cannot list the target: {e}");
-                    return Err(ProtocolError::Peer(format!(
+                    return Err(ProtocolError::Local(format!(
                         "the receiver cannot list its target: {e}"
                     )));
                 }
@@ -168,9 +178,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     }
                     match self.check_stream(from_guid, &to) {
                         Err(reason) => Message::StreamFailed { reason },
-                        Ok((to, force)) => {
+                        Ok(plan) => {
                             self.conn.send(Message::Ready).await?;
-                            self.receive(to, force).await?
+                            self.receive(plan).await?
                         }
                     }
                 }
@@ -374,7 +384,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     return refused(e);
                 }
                 if self.target.exists(&temp) {
-                    // Left by an interrupted earlier attempt; only ever a copy.
+                    // Left by an interrupted earlier attempt. Without child
+                    // datasets it is only a copy of the source; with them it
+                    // holds the old copy's children: never destroy that.
+                    if !self.target.children(&temp).is_empty() {
+                        return refused(format!(
+                            "{temp} is left from an interrupted replacement and holds datasets of the old copy; move them back under {replaces} by hand (zfs list -r {temp}), then destroy {temp}"
+                        ));
+                    }
                     if let Err(e) = self.target.zfs.destroy_recursive(&temp).await {
                         return refused(format!("cannot remove the stale {temp}: {e}"));
                     }
@@ -390,15 +407,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
-    /// Checks a stream header against the sync request and the destination:
-    /// the snapshot must be one the sender announced, and the stream must
-    /// start from the destination's newest snapshot (or from nothing for a
-    /// new dataset). Returns the snapshot and whether to receive with `-F`.
-    fn check_stream(
-        &self,
-        from_guid: Option<u64>,
-        to: &WireSnap,
-    ) -> Result<(Snapshot, bool), String> {
+    /// Checks a stream announcement against the sync request and the
+    /// destination: the snapshot must be one the sender announced, and the
+    /// stream must start from the destination's newest snapshot (or from
+    /// nothing for a new dataset).
+    fn check_stream(&self, from_guid: Option<u64>, to: &WireSnap) -> Result<Planned, String> {
         let open = self.open.as_ref().ok_or("no dataset in progress")?;
         let to = to
             .validate()
@@ -409,8 +422,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let newest = self.target.newest(&open.dest);
         let exists = self.target.exists(&open.dest);
         match (from_guid, exists, newest) {
-            (None, false, _) => Ok((to, false)),
-            (None, true, None) if matches!(open.mode, Mode::Overwrite) => Ok((to, true)),
+            (None, false, _) => Ok(Planned {
+                to,
+                from_guid: 0,
+                overwrite: false,
+            }),
+            (None, true, None) if matches!(open.mode, Mode::Overwrite) => Ok(Planned {
+                to,
+                from_guid: 0,
+                overwrite: true,
+            }),
             (None, true, _) => Err(format!(
                 "{} exists: a full stream cannot be received into it",
                 open.dest
@@ -425,7 +446,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 if base.is_none_or(|b| to.createtxg <= b.createtxg) {
                     return Err(format!("@{} is not newer than @{}", to.name, n.name));
                 }
-                Ok((to, true))
+                Ok(Planned {
+                    to,
+                    from_guid: g,
+                    overwrite: false,
+                })
             }
             (Some(_), true, _) => Err(format!(
                 "the stream's base is not the newest snapshot of {}",
@@ -434,57 +459,120 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
-    /// Pipes one stream into `zfs receive`. Protocol errors (the
-    /// connection is unusable) are returned as `Err`; a stream that could
-    /// not be stored is `Ok(StreamFailed)`.
-    async fn receive(&mut self, to: Snapshot, force: bool) -> Result<Message, ProtocolError> {
+    /// Gets the destination ready and starts `zfs receive`. An incremental
+    /// is received without `-F`: the destination is first rolled back to
+    /// its newest snapshot (without `-r`, so ZFS refuses if a newer one
+    /// appeared meanwhile), which drops changes made inside the replica and
+    /// can never drop a snapshot.
+    async fn start_receive(&self, dest: &DatasetName, plan: &Planned) -> Result<ZfsChild, String> {
+        let zfs = &self.target.zfs;
+        if plan.from_guid != 0 {
+            // Fresh, not from the cache: another run may have moved on.
+            let fresh = self.target.refresh(dest).await.map_err(|e| e.to_string())?;
+            let newest = fresh.as_ref().and_then(|d| d.snapshots.last());
+            let Some(newest) = newest.filter(|n| n.guid == plan.from_guid) else {
+                return Err(format!(
+                    "{dest} changed meanwhile: its newest snapshot is no longer the stream's base; run again"
+                ));
+            };
+            let snap = dest.snapshot(&newest.name).map_err(|e| e.to_string())?;
+            zfs.rollback(&snap)
+                .await
+                .map_err(|e| format!("cannot roll {dest} back to its newest snapshot: {e}"))?;
+        }
+        zfs.spawn_receive(dest, plan.overwrite)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Pipes one stream into `zfs receive`. The head of the stream is
+    /// checked before `zfs receive` even starts; after that, frames go to
+    /// it one behind, so the last (with the END record) waits for `End`.
+    /// Protocol errors (the connection is unusable) are returned as `Err`;
+    /// a stream that could not be stored is `Ok(StreamFailed)`.
+    async fn receive(&mut self, plan: Planned) -> Result<Message, ProtocolError> {
         let Some(open) = self.open.as_ref() else {
             return Ok(Message::StreamFailed {
                 reason: "no dataset in progress".into(),
             });
         };
         let dest = open.dest.clone();
-        let mut child = match self.target.zfs.spawn_receive(&dest, force) {
-            Ok(c) => c,
-            Err(e) => {
-                self.drain().await?;
-                return Ok(Message::StreamFailed {
-                    reason: e.to_string(),
-                });
-            }
-        };
-        let mut stdin = child.take_stdin();
-        // The newest frame is held back until the next one (or End) arrives.
+        let allowed: Vec<u64> = open.announced.iter().map(|s| s.guid).collect();
+        let mut head: Vec<u8> = Vec::with_capacity(HEAD_MAX);
+        let mut early: Vec<Bytes> = Vec::new();
+        let mut running: Option<(ZfsChild, Option<tokio::process::ChildStdin>)> = None;
+        let mut refused: Option<String> = None;
         let mut pending: Option<Bytes> = None;
         let mut total: u64 = 0;
         let mut write_error: Option<std::io::Error> = None;
         loop {
             let frame = match self.next_frame().await {
-                Ok(f) => f,
-                Err(e) => {
-                    abort_receive(stdin, child).await;
-                    tracing::warn!(peer = %self.peer, %dest, "stream cut, nothing committed: {e}");
+                Ok(Some(f)) => f,
+                other => {
+                    let e = match other {
+                        Err(e) => e,
+                        _ => ProtocolError::Closed,
+                    };
+                    if let Some((child, stdin)) = running.take() {
+                        abort_receive(stdin, child).await;
+                        let _ = self.target.refresh(&dest).await;
+                    }
+                    tracing::warn!(peer = %self.peer, %dest, "stream cut ({e}); its last snapshot was not committed");
                     return Err(e);
                 }
             };
             match frame {
-                None => {
-                    abort_receive(stdin, child).await;
-                    tracing::warn!(peer = %self.peer, %dest, "connection closed mid-stream, nothing committed");
-                    return Err(ProtocolError::Closed);
-                }
-                Some(Frame::Data(b)) => {
+                Frame::Data(b) => {
                     total += b.len() as u64;
-                    if let Some(prev) = pending.replace(b) {
-                        write(&mut stdin, &prev, &mut write_error).await;
+                    if refused.is_some() {
+                        continue; // draining a refused stream
+                    }
+                    if let Some((_, stdin)) = running.as_mut() {
+                        if let Some(prev) = pending.replace(b) {
+                            write(stdin, &prev, &mut write_error).await;
+                        }
+                        continue;
+                    }
+                    let room = HEAD_MAX.saturating_sub(head.len()).min(b.len());
+                    head.extend_from_slice(&b[..room]);
+                    early.push(b);
+                    match check_head(&head, plan.from_guid, &allowed) {
+                        Ok(None) => {}
+                        Err(reason) => {
+                            tracing::warn!(peer = %self.peer, %dest, "refused a stream: {reason}");
+                            refused = Some(format!("refused stream: {reason}"));
+                            early.clear();
+                        }
+                        Ok(Some(_)) => match self.start_receive(&dest, &plan).await {
+                            Err(reason) => {
+                                refused = Some(reason);
+                                early.clear();
+                            }
+                            Ok(mut child) => {
+                                let mut stdin = child.take_stdin();
+                                pending = early.pop();
+                                for f in early.drain(..) {
+                                    write(&mut stdin, &f, &mut write_error).await;
+                                }
+                                running = Some((child, stdin));
+                            }
+                        },
                     }
                 }
-                Some(Frame::Msg(Message::End { bytes })) => {
+                Frame::Msg(Message::End { bytes }) => {
+                    if let Some(reason) = refused {
+                        return Ok(Message::StreamFailed { reason });
+                    }
+                    let Some((child, mut stdin)) = running.take() else {
+                        return Ok(Message::StreamFailed {
+                            reason: "the stream is too short to be a zfs send stream".into(),
+                        });
+                    };
                     if bytes != total {
                         abort_receive(stdin, child).await;
+                        let _ = self.target.refresh(&dest).await;
                         return Ok(Message::StreamFailed {
                             reason: format!(
-                                "the sender announced {bytes} bytes but {total} arrived; nothing committed"
+                                "the sender announced {bytes} bytes but {total} arrived; the last snapshot was not committed"
                             ),
                         });
                     }
@@ -502,28 +590,37 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                             }
                         }
                         Ok(()) => match self.target.newest(&dest) {
-                            Some(n) if n.guid == to.guid => {
-                                tracing::info!(peer = %self.peer, %dest, snapshot = %to.name, bytes, "received");
+                            Some(n) if n.guid == plan.to.guid => {
+                                if plan.from_guid == 0 && !plan.overwrite {
+                                    self.never_automount(&dest).await;
+                                }
+                                tracing::info!(peer = %self.peer, %dest, snapshot = %plan.to.name, bytes, "received");
                                 Message::Received { bytes }
                             }
                             _ => Message::StreamFailed {
                                 reason: format!(
                                     "the stream did not end at the announced snapshot @{} (guid {})",
-                                    to.name, to.guid
+                                    plan.to.name, plan.to.guid
                                 ),
                             },
                         },
                     });
                 }
-                Some(Frame::Msg(Message::Abort { reason })) => {
-                    abort_receive(stdin, child).await;
+                Frame::Msg(Message::Abort { reason }) => {
+                    if let Some((child, stdin)) = running.take() {
+                        abort_receive(stdin, child).await;
+                        let _ = self.target.refresh(&dest).await;
+                    }
                     tracing::warn!(peer = %self.peer, %dest, "sender aborted the stream: {reason}");
                     return Ok(Message::StreamFailed {
                         reason: format!("aborted by the sender: {reason}"),
                     });
                 }
-                Some(Frame::Msg(other)) => {
-                    abort_receive(stdin, child).await;
+                Frame::Msg(other) => {
+                    if let Some((child, stdin)) = running.take() {
+                        abort_receive(stdin, child).await;
+                        let _ = self.target.refresh(&dest).await;
+                    }
                     return Err(ProtocolError::Unexpected {
                         got: format!("message {}", other.name()),
                         expected: "stream data, end or abort".into(),
@@ -533,26 +630,25 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
-    /// Discards a stream the receiver could not start to store.
-    async fn drain(&mut self) -> Result<(), ProtocolError> {
-        loop {
-            match self.next_frame().await? {
-                None => return Err(ProtocolError::Closed),
-                Some(Frame::Data(_)) => {}
-                Some(Frame::Msg(Message::End { .. } | Message::Abort { .. })) => return Ok(()),
-                Some(Frame::Msg(other)) => {
-                    return Err(ProtocolError::Unexpected {
-                        got: format!("message {}", other.name()),
-                        expected: "stream data, end or abort".into(),
-                    })
-                }
-            }
+    /// A dataset zfsync created is set `canmount=noauto`: a replica is
+    /// never mounted by a rename, a `zfs mount -a` or a reboot (it would
+    /// shadow the receiving host's own paths); `zfs mount` still mounts it.
+    async fn never_automount(&self, ds: &DatasetName) {
+        if let Err(e) = self.target.zfs.set(ds, "canmount", "noauto").await {
+            tracing::warn!(%ds, "cannot set canmount=noauto: {e}");
         }
     }
 
     async fn finish(&mut self, open: Open) -> Message {
-        if !self.target.exists(&open.dest) {
-            return refused(format!("nothing was received for {}", open.rel));
+        let newest = self.target.newest(&open.dest).map(|n| n.guid);
+        if newest != open.announced.last().map(|s| s.guid) {
+            let rel = open.rel.clone();
+            // A half-built replacement is removed; the old copy stays.
+            self.open = Some(open);
+            self.abandon().await;
+            return refused(format!(
+                "{rel} did not receive every snapshot up to the sender's newest; not finishing it"
+            ));
         }
         match &open.mode {
             Mode::Direct | Mode::Overwrite => Message::Done {
@@ -572,7 +668,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 
     /// Swaps a whole new copy (`new`) in for `old`, keeping `old`'s child
     /// datasets: they move under the new copy first. The old copy is
-    /// destroyed only after the new one is in its place.
+    /// destroyed only after the new one is in its place, and only once no
+    /// child dataset is left under it. Every failure undoes what it can and
+    /// says where each piece is.
     async fn replace(
         &self,
         new: &DatasetName,
@@ -581,16 +679,38 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     ) -> Result<(), String> {
         let zfs = &self.target.zfs;
         let parked = self.target.old_temp_name(rel).map_err(|e| e.to_string())?;
-        let children = self.target.children(old);
+        self.target.relist().await.map_err(|e| e.to_string())?;
+        if self.target.exists(&parked) {
+            if !self.target.children(&parked).is_empty() {
+                return Err(format!(
+                    "{parked} is left from an interrupted replacement and holds datasets; move them back by hand (zfs list -r {parked}), then destroy it"
+                ));
+            }
+            // The old copy of a finished replacement whose destroy failed.
+            zfs.destroy_recursive(&parked)
+                .await
+                .map_err(|e| format!("cannot remove the stale {parked}: {e}"))?;
+            self.target.destroyed(&parked);
+        }
+        // Nothing else may work below `old` while it moves.
+        let _locks = self.lock_subtree(old).await?;
         let mut moved: Vec<(DatasetName, DatasetName)> = Vec::new();
         let undo = |moved: Vec<(DatasetName, DatasetName)>| async move {
+            let mut stranded = Vec::new();
             for (from, to) in moved.into_iter().rev() {
                 if let Err(e) = zfs.rename(&to, &from).await {
                     tracing::error!("cannot move {to} back to {from}: {e}");
+                    stranded.push(format!("{from} is now at {to}"));
                 }
             }
+            let _ = self.target.relist().await;
+            if stranded.is_empty() {
+                String::new()
+            } else {
+                format!("; could not move back: {}", stranded.join(", "))
+            }
         };
-        for child in children {
+        for child in self.target.children(old) {
             let leaf = child
                 .as_str()
                 .rsplit('/')
@@ -599,42 +719,98 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 .to_string();
             let to = match new.child(&leaf) {
                 Ok(t) => t,
-                Err(e) => {
-                    undo(moved).await;
-                    let _ = self.target.relist().await;
-                    return Err(e.to_string());
-                }
+                Err(e) => return Err(format!("{e}{}", undo(moved).await)),
             };
             if let Err(e) = zfs.rename(&child, &to).await {
-                undo(moved).await;
-                let _ = self.target.relist().await;
-                return Err(format!("cannot move {child} under the new copy: {e}"));
+                return Err(format!(
+                    "cannot move {child} under the new copy: {e}{}",
+                    undo(moved).await
+                ));
             }
             moved.push((child, to));
         }
-        if self.target.exists(&parked) {
-            zfs.destroy_recursive(&parked)
-                .await
-                .map_err(|e| format!("cannot remove the stale {parked}: {e}"))?;
-        }
         if let Err(e) = zfs.rename(old, &parked).await {
-            undo(moved).await;
-            let _ = self.target.relist().await;
-            return Err(format!("cannot move the old copy {old} aside: {e}"));
+            return Err(format!(
+                "cannot move the old copy {old} aside: {e}{}",
+                undo(moved).await
+            ));
         }
         if let Err(e) = zfs.rename(new, old).await {
-            let _ = zfs.rename(&parked, old).await;
-            undo(moved).await;
-            let _ = self.target.relist().await;
-            return Err(format!("cannot move the new copy into place at {old}: {e}"));
+            let back = match zfs.rename(&parked, old).await {
+                Ok(()) => String::new(),
+                Err(e2) => format!("; the old copy is at {parked} (cannot move it back: {e2})"),
+            };
+            return Err(format!(
+                "cannot move the new copy into place at {old}: {e}{back}{}",
+                undo(moved).await
+            ));
         }
-        if let Err(e) = zfs.destroy_recursive(&parked).await {
-            tracing::warn!(
-                "the new copy is in place, but the old one at {parked} could not be destroyed: {e}"
-            );
+        // A child created below the old copy meanwhile went along with it:
+        // bring it over too, and destroy the old copy only when it is bare.
+        let leftover = zfs
+            .list_trees(&[&parked])
+            .await
+            .map(|t| {
+                t.datasets
+                    .into_keys()
+                    .filter(|k| k.parent().as_ref() == Some(&parked))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let mut kept = Vec::new();
+        for child in leftover {
+            let leaf = child
+                .as_str()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let moved_ok = match old.child(&leaf) {
+                Ok(to) => zfs.rename(&child, &to).await.is_ok(),
+                Err(_) => false,
+            };
+            if !moved_ok {
+                kept.push(child.to_string());
+            }
+        }
+        if kept.is_empty() {
+            if let Err(e) = zfs.destroy_recursive(&parked).await {
+                tracing::warn!("the new copy is in place, but the old one at {parked} could not be destroyed: {e}");
+            }
+        } else {
+            tracing::warn!("the new copy is in place; the old copy stays at {parked} because it still holds {}", kept.join(", "));
         }
         tracing::info!(peer = %self.peer, dataset = %old, "replaced by a full copy");
         self.target.relist().await.map_err(|e| e.to_string())
+    }
+
+    /// Locks every dataset below `ds` that lies in place under the target,
+    /// waiting up to a minute for transfers into them to end.
+    async fn lock_subtree(&self, ds: &DatasetName) -> Result<Vec<DatasetLock>, String> {
+        let rels: Vec<RelPath> = self
+            .target
+            .descendants(ds)
+            .iter()
+            .filter_map(|d| d.relative_to(&self.target.name))
+            .collect();
+        let mut locks = Vec::new();
+        for rel in rels {
+            let mut tries = 0;
+            loop {
+                if let Some(l) = self.target.try_lock(&rel) {
+                    locks.push(l);
+                    break;
+                }
+                tries += 1;
+                if tries > 120 {
+                    return Err(format!(
+                        "{rel} is busy with another transfer; the replacement waits for the next run"
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        Ok(locks)
     }
 
     /// Places buffered datasets, parents first. Keeps going past failures.
@@ -668,7 +844,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             if let Some(parent) = dest.parent() {
                 if !self.target.exists(&parent) {
                     failed.push(fail(format!(
-                        "its parent {parent} is not on the receiver yet; the run that brings it places this one"
+                        "its parent {parent} is not on the receiver yet (does the parent have a snapshot on the sender?); the run that brings it places this one"
                     )));
                     continue;
                 }
@@ -685,7 +861,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         // Remove the buffer dataset once it is empty.
         let buf = &self.target.buffer;
         if self.target.exists(buf) && self.target.children(buf).is_empty() {
-            match self.target.zfs.destroy_recursive(buf).await {
+            // Not -r: should a new dataset have arrived meanwhile, zfs
+            // refuses and the buffer simply stays.
+            match self.target.zfs.destroy_empty(buf).await {
                 Ok(()) => self.target.destroyed(buf),
                 Err(e) => tracing::warn!("cannot remove the empty buffer {buf}: {e}"),
             }

@@ -117,6 +117,15 @@ impl Target {
             .collect()
     }
 
+    /// Every dataset below `ds` (not `ds` itself).
+    pub fn descendants(&self, ds: &DatasetName) -> Vec<DatasetName> {
+        lock(&self.cache)
+            .keys()
+            .filter(|k| *k != ds && k.relative_to(ds).is_some())
+            .cloned()
+            .collect()
+    }
+
     /// Records a rename of `from` (and everything below it) to `to`.
     pub fn renamed(&self, from: &DatasetName, to: &DatasetName) {
         let mut cache = lock(&self.cache);

@@ -100,6 +100,13 @@ async fn run(args: Args) -> u8 {
         Ok(t) => t,
         Err(e) => return fail(exit::USAGE, e),
     };
+    let server_name = args.server_name.unwrap_or_else(|| args.receiver.clone());
+    if rustls_pki_types::ServerName::try_from(server_name.clone()).is_err() {
+        return fail(
+            exit::USAGE,
+            format!("invalid receiver name {server_name:?}: give a host name or an IP address (or --server-name)"),
+        );
+    }
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -111,7 +118,7 @@ async fn run(args: Args) -> u8 {
         client: ClientOptions {
             host: args.receiver.clone(),
             port: args.port,
-            server_name: args.server_name.unwrap_or_else(|| args.receiver.clone()),
+            server_name,
             tls,
             run_id: format!("{}-{nanos}", std::process::id()),
             connect_timeout: Duration::from_secs(20),
@@ -126,7 +133,7 @@ async fn run(args: Args) -> u8 {
             report.exit_code()
         }
         Err(e @ SendError::Connect(_)) => fail(exit::UNREACHABLE, e),
-        Err(e @ SendError::NoSource(_)) => fail(exit::USAGE, e),
-        Err(e) => fail(exit::FAILED, e),
+        // No source, or `zfs` cannot list it: nothing was done.
+        Err(e) => fail(exit::USAGE, e),
     }
 }

@@ -55,6 +55,8 @@ pub struct Options {
 struct Job {
     rel: RelPath,
     dataset: Dataset,
+    /// Earlier attempts that found the dataset busy on the receiver.
+    tries: u32,
 }
 
 /// The result of a run.
@@ -84,9 +86,11 @@ async fn list_jobs(zfs: &Zfs, source: &DatasetName) -> Result<(Vec<Job>, Vec<Out
         .datasets
         .into_values()
         .filter_map(|d| {
-            d.name
-                .relative_to(source)
-                .map(|rel| Job { rel, dataset: d })
+            d.name.relative_to(source).map(|rel| Job {
+                rel,
+                dataset: d,
+                tries: 0,
+            })
         })
         .collect();
     jobs.sort_by(|a, b| a.rel.tree_order_key().cmp(&b.rel.tree_order_key()));
@@ -136,15 +140,8 @@ pub async fn run(opts: Options) -> Result<Report, SendError> {
             worker(id, client, &opts, &queue, &results).await
         }));
     }
-    let mut survivor = None;
     for h in handles {
-        if let Ok(Some(c)) = h.await {
-            if survivor.is_none() {
-                survivor = Some(c);
-            } else {
-                c.bye().await;
-            }
-        }
+        let _ = h.await;
     }
     let mut done: Vec<Outcome> = std::mem::take(&mut *lock(&results));
     // Whatever no worker could take (every connection lost).
@@ -156,7 +153,7 @@ pub async fn run(opts: Options) -> Result<Report, SendError> {
             },
         });
     }
-    clean_buffer(survivor, &opts, &mut done).await;
+    clean_buffer(&opts, &mut done).await;
     outcomes.extend(done);
     outcomes.sort_by(|a, b| a.dataset.cmp(&b.dataset));
     Ok(Report {
@@ -173,33 +170,51 @@ fn queue_len(q: &Mutex<VecDeque<Job>>) -> usize {
     lock(q).len()
 }
 
+/// How often a dataset the receiver calls busy is tried in one run.
+const BUSY_TRIES: u32 = 5;
+
 /// Takes jobs until the queue is empty. A lost connection fails the job in
-/// progress; the worker reconnects once and goes on, or stops and leaves
-/// the rest to the other workers. Returns its connection if still usable.
+/// progress; the worker reconnects and goes on, or stops and leaves the rest
+/// to the other workers. A dataset the receiver calls busy goes back to the
+/// end of the queue a few times.
 async fn worker(
     id: usize,
     mut client: Option<Client>,
     opts: &Options,
     queue: &Mutex<VecDeque<Job>>,
     results: &Mutex<Vec<Outcome>>,
-) -> Option<Client> {
+) {
     loop {
         if client.is_none() {
             match Client::connect(&opts.client).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     tracing::warn!(worker = id, "cannot connect: {e}");
-                    return None;
+                    return;
                 }
             }
         }
-        let Some(job) = lock(queue).pop_front() else {
-            return client;
+        let Some(mut job) = lock(queue).pop_front() else {
+            if let Some(c) = client {
+                c.bye().await;
+            }
+            return;
         };
-        let c = client.as_mut()?;
-        let (status, lost) = sync_dataset(c, opts, &job).await;
+        let Some(c) = client.as_mut() else {
+            return;
+        };
+        if job.tries > 0 {
+            tokio::time::sleep(Duration::from_secs(u64::from(job.tries))).await;
+        }
+        let (status, lost, busy) = sync_dataset(c, opts, &job).await;
         if lost {
             client = None;
+        }
+        if busy && job.tries + 1 < BUSY_TRIES {
+            tracing::info!(worker = id, dataset = %job.dataset.name, "busy on the receiver; trying again later");
+            job.tries += 1;
+            lock(queue).push_back(job);
+            continue;
         }
         match &status {
             Status::Failed { reason } => {
@@ -214,9 +229,20 @@ async fn worker(
     }
 }
 
-/// Syncs one dataset. Returns its status and whether the connection was
-/// lost on the way.
-async fn sync_dataset(client: &mut Client, opts: &Options, job: &Job) -> (Status, bool) {
+/// Syncs one dataset. Returns its status, whether the connection was lost
+/// on the way, and whether the receiver called the dataset busy.
+async fn sync_dataset(client: &mut Client, opts: &Options, job: &Job) -> (Status, bool, bool) {
+    let mut busy = false;
+    let (status, lost) = sync_one(client, opts, job, &mut busy).await;
+    (status, lost, busy)
+}
+
+async fn sync_one(
+    client: &mut Client,
+    opts: &Options,
+    job: &Job,
+    busy: &mut bool,
+) -> (Status, bool) {
     let snaps = &job.dataset.snapshots;
     if snaps.is_empty() {
         return (Status::NoSnapshots, false);
@@ -272,7 +298,8 @@ async fn sync_dataset(client: &mut Client, opts: &Options, job: &Job) -> (Status
                 false,
             )
         }
-        Message::Refused { reason, .. } => {
+        Message::Refused { reason, temporary } => {
+            *busy = temporary;
             return (
                 Status::Failed {
                     reason: format!("refused by the receiver: {reason}"),
@@ -395,12 +422,9 @@ async fn send_step(
 
 /// Asks the receiver to place buffered datasets and folds its report into
 /// the outcomes.
-async fn clean_buffer(survivor: Option<Client>, opts: &Options, outcomes: &mut [Outcome]) {
-    let client = match survivor {
-        Some(c) => Ok(c),
-        None => Client::connect(&opts.client).await,
-    };
-    let report = match client {
+async fn clean_buffer(opts: &Options, outcomes: &mut [Outcome]) {
+    // A fresh connection: the workers' may have idled out meanwhile.
+    let report = match Client::connect(&opts.client).await {
         Ok(mut c) => {
             let r = c.clean_buffer().await;
             c.bye().await;

@@ -78,12 +78,28 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// zfs-fuse can deadlock when two processes create or mount datasets at
+/// the same moment (seen here: two `zfs create` on fresh pools, both stuck
+/// in a FUSE getattr forever). The harness's own mounting calls take turns;
+/// the binaries under test are not affected by this lock.
+static ADMIN: Mutex<()> = Mutex::new(());
+
+fn admin_lock(args: &[&str]) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let mounting = matches!(
+        args.first().copied(),
+        Some("create" | "clone" | "mount" | "unmount" | "destroy" | "rename" | "rollback")
+    );
+    mounting.then(|| ADMIN.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 pub fn zfs(args: &[&str]) -> String {
+    let _turn = admin_lock(args);
     run(zfs_path(), args)
 }
 
 /// `zfs` that may fail: (success, stdout+stderr).
 pub fn zfs_try(args: &[&str]) -> (bool, String) {
+    let _turn = admin_lock(args);
     let out = Command::new(zfs_path())
         .args(args)
         .output()
@@ -142,6 +158,7 @@ impl Pool {
         f.set_len(256 << 20).expect("size pool file");
         drop(f);
         let file_s = file.to_string_lossy().to_string();
+        let _turn = ADMIN.lock().unwrap_or_else(|p| p.into_inner());
         run("zpool", &["create", &name, &file_s]);
         Pool { name, file }
     }
@@ -160,6 +177,7 @@ impl Drop for Pool {
     fn drop(&mut self) {
         // zfs-fuse unmounts asynchronously: "pool is busy" for a moment.
         for _ in 0..20 {
+            let _turn = ADMIN.lock().unwrap_or_else(|p| p.into_inner());
             let ok = Command::new("zpool")
                 .args(["destroy", "-f", &self.name])
                 .output()
@@ -289,6 +307,20 @@ impl Receiver {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until the log has `n` lines containing `needle`.
+    #[track_caller]
+    pub fn wait_for_log(&self, needle: &str, n: usize, within: Duration) {
+        let start = Instant::now();
+        while self.log().matches(needle).count() < n {
+            assert!(
+                start.elapsed() < within,
+                "zfsync-recv did not log {needle:?} {n} times within {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,284 @@
+//! Checks the head of a `zfs send` stream before any of it reaches
+//! `zfs receive`.
+//!
+//! A receiver must not trust the sender's word about a stream: the bytes
+//! decide what `zfs receive` does. Only two shapes are accepted, the two
+//! zfsync's sender produces:
+//!
+//! - a single substream (`zfs send [-i from] snap`): one BEGIN record whose
+//!   `fromguid` is the expected base (0 for a full stream) and whose `toguid`
+//!   is a snapshot the sender announced;
+//! - a package of substreams (`zfs send -I from snap`): a compound BEGIN
+//!   with no payload (a payload means `-R` or `-p`: properties and other
+//!   datasets, which could mount a replica anywhere or destroy datasets), its
+//!   END, then a first substream checked as above.
+//!
+//! Records are `dmu_replay_record_t`, 312 bytes, in the sending host's byte
+//! order (told by the magic number).
+
+/// Size of one `dmu_replay_record_t`.
+pub const RECORD: usize = 312;
+/// Most bytes needed to decide: compound BEGIN, END, first substream BEGIN.
+pub const HEAD_MAX: usize = 3 * RECORD;
+
+const DMU_BACKUP_MAGIC: u64 = 0x2F5_BACBAC;
+const DRR_BEGIN: u32 = 0;
+const DRR_END: u32 = 5;
+const DMU_SUBSTREAM: u64 = 1;
+const DMU_COMPOUNDSTREAM: u64 = 2;
+
+/// What a stream's head says, once it is accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub from_guid: u64,
+    /// The first snapshot the stream creates.
+    pub first_to_guid: u64,
+    pub compound: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Order(bool); // true: big-endian
+
+impl Order {
+    fn u32(self, b: &[u8], at: usize) -> u32 {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&b[at..at + 4]);
+        if self.0 {
+            u32::from_be_bytes(a)
+        } else {
+            u32::from_le_bytes(a)
+        }
+    }
+    fn u64(self, b: &[u8], at: usize) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[at..at + 8]);
+        if self.0 {
+            u64::from_be_bytes(a)
+        } else {
+            u64::from_le_bytes(a)
+        }
+    }
+}
+
+struct Begin {
+    payload: u32,
+    hdrtype: u64,
+    to_guid: u64,
+    from_guid: u64,
+}
+
+/// Reads a BEGIN record; `rec` is exactly [`RECORD`] bytes.
+fn begin(rec: &[u8], order: Option<Order>) -> Result<(Begin, Order), String> {
+    let order = match order {
+        Some(o) => o,
+        None => {
+            if Order(false).u64(rec, 8) == DMU_BACKUP_MAGIC {
+                Order(false)
+            } else if Order(true).u64(rec, 8) == DMU_BACKUP_MAGIC {
+                Order(true)
+            } else {
+                return Err("not a zfs send stream (bad magic number)".into());
+            }
+        }
+    };
+    if order.u32(rec, 0) != DRR_BEGIN || order.u64(rec, 8) != DMU_BACKUP_MAGIC {
+        return Err("the stream does not start with a BEGIN record".into());
+    }
+    Ok((
+        Begin {
+            payload: order.u32(rec, 4),
+            hdrtype: order.u64(rec, 16) & 0x3,
+            to_guid: order.u64(rec, 40),
+            from_guid: order.u64(rec, 48),
+        },
+        order,
+    ))
+}
+
+/// Checks the head of a stream. `Ok(None)`: more bytes are needed (at most
+/// [`HEAD_MAX`]). `allowed_to` are the GUIDs of the snapshots the sender
+/// announced; `expected_from` is the destination's newest snapshot's GUID, or
+/// 0 for a full stream.
+pub fn check_head(
+    head: &[u8],
+    expected_from: u64,
+    allowed_to: &[u64],
+) -> Result<Option<Head>, String> {
+    if head.len() < RECORD {
+        return Ok(None);
+    }
+    let (first, order) = begin(&head[..RECORD], None)?;
+    if first.payload != 0 {
+        return Err(format!(
+            "the stream carries a {}-byte payload (properties or other datasets: zfs send -R or -p), which this receiver does not accept",
+            first.payload
+        ));
+    }
+    let (sub, compound) = match first.hdrtype {
+        DMU_SUBSTREAM => (first, false),
+        DMU_COMPOUNDSTREAM => {
+            if head.len() < HEAD_MAX {
+                return Ok(None);
+            }
+            if order.u32(&head[RECORD..], 0) != DRR_END {
+                return Err("a compound stream header without its END record".into());
+            }
+            let (sub, _) = begin(&head[2 * RECORD..HEAD_MAX], Some(order))?;
+            if sub.hdrtype != DMU_SUBSTREAM || sub.payload != 0 {
+                return Err("a compound stream whose first part is not a plain substream".into());
+            }
+            (sub, true)
+        }
+        other => return Err(format!("unknown stream header type {other}")),
+    };
+    if sub.from_guid != expected_from {
+        return Err(if expected_from == 0 {
+            format!(
+                "an incremental stream (from guid {}) where a full stream was announced",
+                sub.from_guid
+            )
+        } else {
+            format!(
+                "the stream starts from guid {}, not from the destination's newest snapshot (guid {expected_from})",
+                sub.from_guid
+            )
+        });
+    }
+    if !allowed_to.contains(&sub.to_guid) {
+        return Err(format!(
+            "the stream creates a snapshot (guid {}) the sender did not announce",
+            sub.to_guid
+        ));
+    }
+    Ok(Some(Head {
+        from_guid: sub.from_guid,
+        first_to_guid: sub.to_guid,
+        compound,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a BEGIN record as zfs writes it (little-endian host).
+    fn rec_begin(payload: u32, hdrtype: u64, to: u64, from: u64, be: bool) -> Vec<u8> {
+        let mut r = vec![0u8; RECORD];
+        let put32 = |r: &mut Vec<u8>, at: usize, v: u32| {
+            let b = if be { v.to_be_bytes() } else { v.to_le_bytes() };
+            r[at..at + 4].copy_from_slice(&b);
+        };
+        let put64 = |r: &mut Vec<u8>, at: usize, v: u64| {
+            let b = if be { v.to_be_bytes() } else { v.to_le_bytes() };
+            r[at..at + 8].copy_from_slice(&b);
+        };
+        put32(&mut r, 0, DRR_BEGIN);
+        put32(&mut r, 4, payload);
+        put64(&mut r, 8, DMU_BACKUP_MAGIC);
+        put64(&mut r, 16, hdrtype);
+        put64(&mut r, 40, to);
+        put64(&mut r, 48, from);
+        r
+    }
+
+    fn rec_end() -> Vec<u8> {
+        let mut r = vec![0u8; RECORD];
+        r[0..4].copy_from_slice(&DRR_END.to_le_bytes());
+        r
+    }
+
+    /// The first 80 bytes of `zfs send ptest1/src/a@s1` from zfs-fuse.
+    const REAL_FULL: [u8; 80] = [
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xac, 0xcb, 0xba, 0xf5, 0x02, 0x00, 0x00,
+        0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x4e, 0x35, 0x02, 0x6b, 0x00, 0x00,
+        0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x62, 0x4b, 0x87, 0xac, 0x9a,
+        0x50, 0x97, 0xce, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x70, 0x74, 0x65, 0x73,
+        0x74, 0x31, 0x2f, 0x73, 0x72, 0x63, 0x2f, 0x61, 0x40, 0x73, 0x31, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+    const REAL_GUID: u64 = 14886455718546197346;
+
+    #[test]
+    fn real_zfs_fuse_full_stream() {
+        let mut head = REAL_FULL.to_vec();
+        head.resize(RECORD, 0);
+        assert_eq!(
+            check_head(&head, 0, &[REAL_GUID]).unwrap(),
+            Some(Head {
+                from_guid: 0,
+                first_to_guid: REAL_GUID,
+                compound: false
+            })
+        );
+        assert!(check_head(&head, 0, &[1]).is_err(), "unannounced snapshot");
+        assert!(
+            check_head(&head, 5, &[REAL_GUID]).is_err(),
+            "full where incremental expected"
+        );
+    }
+
+    #[test]
+    fn substreams_in_both_byte_orders() {
+        for be in [false, true] {
+            let r = rec_begin(0, DMU_SUBSTREAM, 20, 10, be);
+            assert_eq!(
+                check_head(&r[..100], 10, &[20]).unwrap(),
+                None,
+                "needs more"
+            );
+            let h = check_head(&r, 10, &[20]).unwrap().unwrap();
+            assert_eq!((h.from_guid, h.first_to_guid, h.compound), (10, 20, false));
+            assert!(check_head(&r, 11, &[20])
+                .unwrap_err()
+                .contains("not from the destination's newest"));
+        }
+    }
+
+    #[test]
+    fn plain_package_is_accepted() {
+        let mut s = rec_begin(0, DMU_COMPOUNDSTREAM, 0, 0, false);
+        s.extend(rec_end());
+        assert_eq!(
+            check_head(&s, 10, &[20]).unwrap(),
+            None,
+            "needs the substream"
+        );
+        s.extend(rec_begin(0, DMU_SUBSTREAM, 20, 10, false));
+        let h = check_head(&s, 10, &[20, 30]).unwrap().unwrap();
+        assert!(h.compound);
+        assert_eq!(h.first_to_guid, 20);
+    }
+
+    #[test]
+    fn hostile_heads_are_refused() {
+        let mut with_props = rec_begin(4096, DMU_COMPOUNDSTREAM, 0, 0, false);
+        with_props.extend(vec![0u8; 2 * RECORD]);
+        let mut no_end = rec_begin(0, DMU_COMPOUNDSTREAM, 0, 0, false);
+        no_end.extend(rec_begin(0, DMU_SUBSTREAM, 20, 10, false));
+        no_end.extend(rec_end());
+        let mut nested = rec_begin(0, DMU_COMPOUNDSTREAM, 0, 0, false);
+        nested.extend(rec_end());
+        nested.extend(rec_begin(0, DMU_COMPOUNDSTREAM, 20, 10, false));
+        let mut sub_payload = rec_begin(0, DMU_COMPOUNDSTREAM, 0, 0, false);
+        sub_payload.extend(rec_end());
+        sub_payload.extend(rec_begin(8, DMU_SUBSTREAM, 20, 10, false));
+        let garbage = vec![0x5a; RECORD];
+        let mut not_begin = rec_begin(0, DMU_SUBSTREAM, 20, 10, false);
+        not_begin[0] = 3;
+        let cases: [(&str, Vec<u8>); 7] = [
+            ("-R/-p payload", with_props),
+            ("compound without END", no_end),
+            ("nested compound", nested),
+            ("substream with payload", sub_payload),
+            ("random bytes", garbage),
+            ("not a BEGIN", not_begin),
+            (
+                "older base (a lying -i)",
+                rec_begin(0, DMU_SUBSTREAM, 20, 9, false),
+            ),
+        ];
+        for (what, bytes) in cases {
+            assert!(check_head(&bytes, 10, &[20]).is_err(), "{what} accepted");
+        }
+    }
+}
