@@ -463,13 +463,21 @@ fn a_cut_connection_leaves_the_target_unchanged() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let armed = Arc::new(AtomicBool::new(true));
     let proxy = rt.block_on(cutting_proxy(recv.port, 2 << 20, armed.clone()));
-    let via_proxy = |extra: &[&str]| {
-        let port = proxy.to_string();
-        let mut args = vec!["-p", port.as_str(), "-t", "1", "--server-name", "localhost"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[src.as_str(), "127.0.0.1"]);
+    let via = |port: u16| {
+        let port = port.to_string();
+        let args = [
+            "-p",
+            port.as_str(),
+            "-t",
+            "1",
+            "--server-name",
+            "localhost",
+            src.as_str(),
+            "127.0.0.1",
+        ];
         send(&certs.sender_args(), &args)
     };
+    let via_proxy = |_: &[&str]| via(proxy);
 
     // Cut during a full stream: no partial dataset.
     let before = pool_state(&b.name);
@@ -498,16 +506,209 @@ fn a_cut_connection_leaves_the_target_unchanged() {
         .assert_code(0)
         .assert_stdout_has("incremental @s1..@s2");
     assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+
+    // Cut inside the second snapshot of one -I stream: the first arrived
+    // whole and is kept, the second is not committed, the next run brings it.
+    write_file(&src, "big3", &noise(6 << 20, 3));
+    zfs(&["snapshot", &format!("{src}@s3")]);
+    write_file(&src, "big4", &noise(6 << 20, 4));
+    zfs(&["snapshot", &format!("{src}@s4")]);
+    let later_cut = rt.block_on(cutting_proxy(recv.port, 9 << 20, armed.clone()));
+    armed.store(true, Ordering::SeqCst);
+    via(later_cut).assert_code(1);
+    recv.wait_for_log("stream cut", 3, Duration::from_secs(60));
+    let got = snapshot_guids(&dst);
+    let want = snapshot_guids(&src);
+    assert!(!got.contains_key("@s4"), "@s4 committed from a cut stream");
+    assert!(got.iter().all(|(k, v)| want.get(k) == Some(v)), "{got:?}");
+    armed.store(false, Ordering::SeqCst);
+    via(later_cut).assert_code(0);
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
 }
 
 #[test]
-fn sigterm_stops_the_receiver_cleanly() {
+fn sigterm_mid_transfer_aborts_the_receive_and_exits_0() {
     let certs = Certs::shared();
+    let a = Pool::new("term");
     let b = Pool::new("term");
-    let mut recv = Receiver::start(&b.ds("t"), &certs.receiver_args(), &[]);
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    zfs(&["create", &src]);
+    write_file(&src, "big", &noise(4 << 20, 9));
+    zfs(&["snapshot", &format!("{src}@s1")]);
+    let mut recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    let before = pool_state(&b.name);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let data = send_bytes(&[&format!("{src}@s1")]);
+    let s = snaps(&src);
+    // Half a stream, then SIGTERM while the sender is still "sending".
+    let mut c = rt.block_on(async {
+        let mut c = Client::connect(&options(certs, recv.port, "term"))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.sync(&RelPath::root(), &s, false).await.unwrap(),
+            Message::New { buffered: false }
+        );
+        c.begin_stream(None, &s[0]).await.unwrap();
+        for chunk in data[..data.len() / 2].chunks(100_000) {
+            c.connection().send_data(bytes_of(chunk)).await.unwrap();
+        }
+        c
+    });
+    std::thread::sleep(Duration::from_millis(300));
     let status = recv
-        .signal_and_wait("TERM", Duration::from_secs(10))
+        .signal_and_wait("TERM", Duration::from_secs(20))
         .expect("zfsync-recv exits on SIGTERM");
     assert!(status.success(), "exit status {status:?}\n{}", recv.log());
-    assert!(recv.log().contains("SIGTERM received"));
+    let log = recv.log();
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("stream cut"), "{log}");
+    // The peer was told why, and nothing of the stream was committed.
+    let told = rt.block_on(async { c.connection().read_msg().await });
+    assert!(format!("{told:?}").contains("shutting down"), "{told:?}");
+    assert!(!exists(&dst));
+    assert_eq!(pool_state(&b.name), before);
+}
+
+/// `zfs send ARGS` into memory.
+fn send_bytes(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("zfs")
+        .arg("send")
+        .args(args)
+        .output()
+        .expect("zfs send");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Announces a stream and sends `data` as it is, ending with `end_bytes`.
+async fn raw_stream(
+    c: &mut Client,
+    from_guid: Option<u64>,
+    to: &Snapshot,
+    data: &[u8],
+    end_bytes: u64,
+) -> Result<u64, String> {
+    c.begin_stream(from_guid, to)
+        .await
+        .map_err(|e| e.to_string())?;
+    for chunk in data.chunks(100_000) {
+        c.connection()
+            .send_data(bytes_of(chunk))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    c.end_stream(end_bytes).await.map_err(|e| e.to_string())
+}
+
+fn bytes_of(b: &[u8]) -> zfsync_common::protocol::Bytes {
+    zfsync_common::protocol::Bytes::copy_from_slice(b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_streams_are_refused_and_no_snapshot_is_lost() {
+    let certs = Certs::shared();
+    let a = Pool::new("hstream");
+    let b = Pool::new("hstream");
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    zfs(&["create", &src]);
+    zfs(&["create", &format!("{src}/kid")]);
+    write_file(&src, "f", b"one");
+    zfs(&["snapshot", "-r", &format!("{src}@s1")]);
+    write_file(&src, "f", b"two");
+    zfs(&["snapshot", "-r", &format!("{src}@s2")]);
+    let recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    send(
+        &certs.sender_args(),
+        &["-p", &recv.port.to_string(), &src, "127.0.0.1"],
+    )
+    .assert_code(0);
+    write_file(&src, "f", b"three");
+    zfs(&["snapshot", "-r", &format!("{src}@s3")]);
+    let before = pool_state(&b.name);
+
+    let s = snaps(&src);
+    let mut c = Client::connect(&options(certs, recv.port, "hstream"))
+        .await
+        .unwrap();
+    match c.sync(&RelPath::root(), &s, false).await.unwrap() {
+        Message::Incremental { base_guid, .. } => assert_eq!(base_guid, s[1].guid),
+        other => panic!("expected incremental, got {other:?}"),
+    }
+    let lying = send_bytes(&["-i", &format!("{src}@s1"), &format!("{src}@s3")]);
+    let replication = send_bytes(&["-R", "-I", &format!("{src}@s2"), &format!("{src}@s3")]);
+    let good = send_bytes(&["-i", &format!("{src}@s2"), &format!("{src}@s3")]);
+    let other_dataset = send_bytes(&["-i", &format!("{src}/kid@s2"), &format!("{src}/kid@s3")]);
+    let junk = noise(50_000, 3);
+    let cases: Vec<(&str, &[u8], u64, &str)> = vec![
+        (
+            "a -i from an older base",
+            &lying,
+            lying.len() as u64,
+            "not from the destination's newest",
+        ),
+        (
+            "a -R stream",
+            &replication,
+            replication.len() as u64,
+            "payload",
+        ),
+        (
+            "another dataset's stream",
+            &other_dataset,
+            other_dataset.len() as u64,
+            "not from the destination's newest",
+        ),
+        (
+            "random bytes",
+            &junk,
+            junk.len() as u64,
+            "not a zfs send stream",
+        ),
+        (
+            "a short End count",
+            &good,
+            good.len() as u64 - 1,
+            "bytes but",
+        ),
+        (
+            "a truncated stream",
+            &good[..good.len() / 2],
+            (good.len() / 2) as u64,
+            "failed",
+        ),
+    ];
+    for (what, data, end, why) in cases {
+        let err = raw_stream(&mut c, Some(s[1].guid), &s[2], data, end)
+            .await
+            .expect_err(what);
+        assert!(err.contains(why), "{what}: {err}");
+        assert_eq!(pool_state(&b.name), before, "{what} changed the target");
+    }
+    // Finishing without the newest snapshot is refused too.
+    let err = c
+        .finish()
+        .await
+        .expect_err("finish without the newest snapshot");
+    assert!(
+        err.to_string().contains("did not receive every snapshot"),
+        "{err}"
+    );
+    c.bye().await;
+    assert_eq!(pool_state(&b.name), before);
+
+    // The genuine sender still completes.
+    send(
+        &certs.sender_args(),
+        &["-p", &recv.port.to_string(), &src, "127.0.0.1"],
+    )
+    .assert_code(0)
+    .assert_stdout_has("incremental @s2..@s3");
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
 }
