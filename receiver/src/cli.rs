@@ -124,5 +124,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         shutdown,
     )
-    .await
+    .await?;
+    Ok(())
 }

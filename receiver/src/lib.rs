@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use zfsync_common::naming::DatasetName;
 use zfsync_common::protocol::{Connection, Message};
 use zfsync_common::tls::cert_names;
-use zfsync_common::zfs::Zfs;
+use zfsync_common::zfs::{Zfs, ZfsError};
 
 use crate::session::{Session, Shared};
 use crate::state::Target;
@@ -38,19 +38,33 @@ pub struct Options {
     pub grace: Duration,
 }
 
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("the pool {0} does not exist (zpool list shows the pools)")]
+    NoPool(DatasetName),
+    #[error("neither the target {target} nor its parent {parent} exists; create the parent with `zfs create -p {parent}`")]
+    NoParent {
+        target: DatasetName,
+        parent: DatasetName,
+    },
+    #[error("checking the target dataset: {0}")]
+    Zfs(#[from] ZfsError),
+}
+
 /// Checks that the target can be received into: it exists, or its parent
 /// does (zfs receive creates it then).
-pub async fn check_target(zfs: &Zfs, target: &DatasetName) -> anyhow::Result<()> {
+pub async fn check_target(zfs: &Zfs, target: &DatasetName) -> Result<(), ServeError> {
     if zfs.list_dataset(target).await?.is_some() {
         return Ok(());
     }
     match target.parent() {
-        None => bail!("the pool {target} does not exist (zpool list shows the pools)"),
+        None => Err(ServeError::NoPool(target.clone())),
         Some(parent) => {
             if zfs.list_dataset(&parent).await?.is_none() {
-                bail!(
-                    "neither the target {target} nor its parent {parent} exists; create the parent with `zfs create -p {parent}`"
-                );
+                return Err(ServeError::NoParent {
+                    target: target.clone(),
+                    parent,
+                });
             }
             Ok(())
         }
@@ -64,10 +78,8 @@ pub async fn run(
     listener: TcpListener,
     opts: Options,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    check_target(&opts.zfs, &opts.target)
-        .await
-        .context("checking the target dataset")?;
+) -> Result<(), ServeError> {
+    check_target(&opts.zfs, &opts.target).await?;
     if let Ok(local) = listener.local_addr() {
         tracing::info!(
             "zfsync-recv listening on {local}, receiving into {}",
