@@ -118,9 +118,12 @@ async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
         Message::New { buffered: true }
     );
     stream(&mut c, &ab, None, &ab_snaps[0]).await;
-    let (location, buffered) = c.finish().await.unwrap();
+    let done = c.finish().await.unwrap();
     let hexed = format!("{dst}.zfsyncbuffer/2F612F62");
-    assert_eq!((location.as_str(), buffered), (hexed.as_str(), true));
+    assert_eq!(
+        (done.location.as_str(), done.buffered),
+        (hexed.as_str(), true)
+    );
     assert!(exists(&hexed));
     assert_eq!(
         zfs(&[
@@ -141,10 +144,13 @@ async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
         other => panic!("expected an incremental, got {other:?}"),
     }
     stream(&mut c, &ab, Some(&ab_snaps[0]), &ab_snaps[1]).await;
-    assert_eq!(c.finish().await.unwrap(), (hexed.clone(), true));
+    let done = c.finish().await.unwrap();
+    assert_eq!((done.location, done.buffered), (hexed.clone(), true));
 
     // cleanbuffer cannot place it yet (no parent), says so, keeps it.
-    let (placed, failed) = c.clean_buffer().await.unwrap();
+    let all = vec!["".to_string(), "/a".into(), "/a/b".into()];
+    let r = c.clean_buffer(all.clone(), false, false).await.unwrap();
+    let (placed, failed) = (r.placed, r.failed);
     assert!(placed.is_empty());
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].path, "/a/b");
@@ -164,7 +170,9 @@ async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
     stream(&mut c, &format!("{src}/a"), None, &a_snaps[0]).await;
     stream(&mut c, &format!("{src}/a"), Some(&a_snaps[0]), &a_snaps[1]).await;
     c.finish().await.unwrap();
-    let (placed, failed) = c.clean_buffer().await.unwrap();
+    let r = c.clean_buffer(all, false, false).await.unwrap();
+    let (placed, failed) = (r.placed, r.failed);
+    assert!(r.orphans.is_empty(), "{:?}", r.orphans);
     assert_eq!(placed, vec!["/a/b".to_string()]);
     assert!(failed.is_empty(), "{failed:?}");
     c.bye().await;
@@ -264,6 +272,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
             path: p.to_string(),
             snapshots: good.clone(),
             allow_full: true,
+            dry_run: false,
         })
         .await
         .unwrap();
@@ -288,6 +297,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
                 createtxg: 5,
             }],
             allow_full: false,
+            dry_run: false,
         })
         .await
         .unwrap();
@@ -304,6 +314,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
             path: "/ok".into(),
             snapshots: vec![],
             allow_full: true,
+            dry_run: false,
         })
         .await
         .unwrap();

@@ -89,6 +89,24 @@ pub struct Client {
     conn: TlsConnection,
 }
 
+/// The receiver's word on a finished dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    pub location: String,
+    pub buffered: bool,
+    /// Snapshots it destroyed to mirror the sender's retention.
+    pub pruned: Vec<String>,
+}
+
+/// The receiver's report at the end of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanReport {
+    pub placed: Vec<String>,
+    pub failed: Vec<PlaceFailure>,
+    pub orphans: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
 /// The receiver's answer to a sync request.
 pub type Reply = Message;
 
@@ -151,11 +169,32 @@ impl Client {
         snapshots: &[Snapshot],
         allow_full: bool,
     ) -> Result<Reply, ClientError> {
+        self.sync_request(path, snapshots, allow_full, false).await
+    }
+
+    /// The receiver's answer without any effect on it (`--dry-run`).
+    pub async fn plan(
+        &mut self,
+        path: &RelPath,
+        snapshots: &[Snapshot],
+        allow_full: bool,
+    ) -> Result<Reply, ClientError> {
+        self.sync_request(path, snapshots, allow_full, true).await
+    }
+
+    async fn sync_request(
+        &mut self,
+        path: &RelPath,
+        snapshots: &[Snapshot],
+        allow_full: bool,
+        dry_run: bool,
+    ) -> Result<Reply, ClientError> {
         self.conn
             .send(Message::Sync {
                 path: path.as_str().to_string(),
                 snapshots: snapshots.iter().map(WireSnap::from).collect(),
                 allow_full,
+                dry_run,
             })
             .await?;
         Ok(self.conn.read_msg().await?)
@@ -234,20 +273,51 @@ impl Client {
         }
     }
 
-    /// Ends the dataset; returns (location on the receiver, buffered).
-    pub async fn finish(&mut self) -> Result<(String, bool), ClientError> {
+    /// Ends the dataset.
+    pub async fn finish(&mut self) -> Result<Finished, ClientError> {
         self.conn.send(Message::Finish).await?;
         match self.conn.read_msg().await? {
-            Message::Done { location, buffered } => Ok((location, buffered)),
+            Message::Done {
+                location,
+                buffered,
+                pruned,
+            } => Ok(Finished {
+                location,
+                buffered,
+                pruned,
+            }),
             Message::Refused { reason, .. } => Err(ClientError::Refused(reason)),
             other => Err(unexpected(other, "done")),
         }
     }
 
-    pub async fn clean_buffer(&mut self) -> Result<(Vec<String>, Vec<PlaceFailure>), ClientError> {
-        self.conn.send(Message::CleanBuffer).await?;
+    /// Places buffered datasets and reports orphans (see
+    /// [`Message::CleanBuffer`]).
+    pub async fn clean_buffer(
+        &mut self,
+        source_paths: Vec<String>,
+        delete_missing: bool,
+        dry_run: bool,
+    ) -> Result<CleanReport, ClientError> {
+        self.conn
+            .send(Message::CleanBuffer {
+                source_paths,
+                delete_missing,
+                dry_run,
+            })
+            .await?;
         match self.conn.read_msg().await? {
-            Message::CleanReport { placed, failed } => Ok((placed, failed)),
+            Message::CleanReport {
+                placed,
+                failed,
+                orphans,
+                deleted,
+            } => Ok(CleanReport {
+                placed,
+                failed,
+                orphans,
+                deleted,
+            }),
             Message::Refused { reason, .. } => Err(ClientError::Refused(reason)),
             other => Err(unexpected(other, "clean_report")),
         }

@@ -5,6 +5,7 @@
 //! createtxg. The receiver calls [`negotiate`]; the sender turns the answer
 //! into `zfs send` steps with [`steps`].
 
+use crate::naming::{tool_class, SnapClass, SnapName};
 use crate::zfs::Snapshot;
 
 /// What the receiver has at the place a dataset maps to.
@@ -182,6 +183,58 @@ pub fn steps<'a>(source: &'a [Snapshot], decision: &Decision) -> Vec<Step<'a>> {
         }
         _ => Vec::new(),
     }
+}
+
+/// What retention does to one dataset's tool snapshots of one class.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prune {
+    /// Oldest first.
+    pub destroy: Vec<SnapName>,
+    /// Would have been destroyed, but it is the newest snapshot the
+    /// receiver confirmed: the base of the next incremental.
+    pub held_back: Option<SnapName>,
+}
+
+/// Keeps the newest `keep` tool snapshots of `class` (a person's snapshots
+/// and other classes are never touched) and never the confirmed base.
+pub fn prune(
+    snapshots: &[Snapshot],
+    class: SnapClass,
+    keep: usize,
+    confirmed: Option<&str>,
+) -> Prune {
+    let ours: Vec<&Snapshot> = snapshots
+        .iter()
+        .filter(|s| tool_class(s.name.as_str()) == Some(class))
+        .collect();
+    let surplus = ours.len().saturating_sub(keep);
+    let mut out = Prune::default();
+    for s in &ours[..surplus] {
+        if Some(s.name.as_str()) == confirmed {
+            out.held_back = Some(s.name.clone());
+        } else {
+            out.destroy.push(s.name.clone());
+        }
+    }
+    out
+}
+
+/// Mirrored retention on the receiver: the tool snapshots the sender no
+/// longer has, older than the receiver's newest. Nothing when the sender
+/// announced nothing; never the newest (the next base), never a person's.
+pub fn mirror(target: &[Snapshot], announced: &[Snapshot]) -> Vec<SnapName> {
+    let (Some(newest), false) = (target.last(), announced.is_empty()) else {
+        return Vec::new();
+    };
+    let on_sender: std::collections::HashSet<u64> = announced.iter().map(|s| s.guid).collect();
+    target
+        .iter()
+        .filter(|s| s.guid != newest.guid)
+        .filter(|s| s.createtxg < newest.createtxg)
+        .filter(|s| !on_sender.contains(&s.guid))
+        .filter(|s| tool_class(s.name.as_str()).is_some())
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -386,5 +439,52 @@ mod tests {
         };
         let m = r.to_string();
         assert!(m.contains("@s0") && m.contains("and 2 more"), "{m}");
+    }
+
+    #[test]
+    fn prune_table() {
+        let snaps = vec![
+            s("261101-000000_D", 1, 1),
+            s("manual", 2, 2),
+            s("261102-000000_D", 3, 3),
+            s("261102-010000_H", 4, 4),
+            s("261103-000000_D", 5, 5),
+            s("261104-000000_D", 6, 6),
+        ];
+        let names = |v: &[SnapName]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let p = prune(&snaps, SnapClass::D, 2, None);
+        assert_eq!(names(&p.destroy), ["261101-000000_D", "261102-000000_D"]);
+        assert_eq!(p.held_back, None);
+        // The confirmed base survives even a keep of 1.
+        let p = prune(&snaps, SnapClass::D, 1, Some("261102-000000_D"));
+        assert_eq!(names(&p.destroy), ["261101-000000_D", "261103-000000_D"]);
+        assert_eq!(p.held_back.unwrap().as_str(), "261102-000000_D");
+        // Other classes and a person's snapshots are never touched.
+        let p = prune(&snaps, SnapClass::H, 0, None);
+        assert_eq!(names(&p.destroy), ["261102-010000_H"]);
+        assert!(prune(&snaps, SnapClass::S, 0, None).destroy.is_empty());
+        assert!(prune(&snaps, SnapClass::D, 10, None).destroy.is_empty());
+    }
+
+    #[test]
+    fn mirror_table() {
+        let target = vec![
+            s("261101-000000_D", 1, 1),
+            s("mine", 2, 2),
+            s("261102-000000_D", 3, 3),
+            s("261103-000000_D", 4, 4),
+        ];
+        let names = |v: Vec<SnapName>| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        // The sender pruned its 261101 and 261102; it still has 261103.
+        let announced = vec![s("261103-000000_D", 4, 40), s("261104-000000_D", 5, 50)];
+        assert_eq!(
+            names(mirror(&target, &announced)),
+            ["261101-000000_D", "261102-000000_D"]
+        );
+        // An empty list never destroys anything.
+        assert!(mirror(&target, &[]).is_empty());
+        // The newest is never a candidate, even if the sender lost it.
+        let only_old = vec![s("261101-000000_D", 1, 10)];
+        assert_eq!(names(mirror(&target, &only_old)), ["261102-000000_D"]);
     }
 }

@@ -129,6 +129,9 @@ pub enum Message {
         snapshots: Vec<WireSnap>,
         /// The sender runs with --full.
         allow_full: bool,
+        /// Only say what would be done: no dataset is locked or created.
+        #[serde(default)]
+        dry_run: bool,
     },
     UpToDate {
         snapshot: String,
@@ -174,13 +177,30 @@ pub enum Message {
         /// Where the dataset now is on the receiver.
         location: String,
         buffered: bool,
+        /// Snapshots the receiver destroyed to mirror the sender's
+        /// retention.
+        #[serde(default)]
+        pruned: Vec<String>,
     },
 
     // The end of a run.
-    CleanBuffer,
+    CleanBuffer {
+        /// Every relative path of the source tree: what is not among them
+        /// is orphaned on the receiver.
+        source_paths: Vec<String>,
+        /// Destroy orphaned replicas (only datasets zfsync created).
+        delete_missing: bool,
+        /// Report only; place and destroy nothing.
+        dry_run: bool,
+    },
     CleanReport {
+        /// Placed from the buffer (in a dry run: would be).
         placed: Vec<String>,
         failed: Vec<PlaceFailure>,
+        /// Replicas whose source is gone.
+        orphans: Vec<String>,
+        /// Orphans destroyed (`delete_missing`).
+        deleted: Vec<String>,
     },
     Bye,
     Error {
@@ -207,7 +227,7 @@ impl Message {
             Message::StreamFailed { .. } => "stream_failed",
             Message::Finish => "finish",
             Message::Done { .. } => "done",
-            Message::CleanBuffer => "cleanbuffer",
+            Message::CleanBuffer { .. } => "cleanbuffer",
             Message::CleanReport { .. } => "clean_report",
             Message::Bye => "bye",
             Message::Error { .. } => "error",
@@ -371,6 +391,7 @@ mod tests {
                     createtxg: 7,
                 }],
                 allow_full: true,
+                dry_run: false,
             },
             Message::UpToDate {
                 snapshot: "s".into(),
@@ -405,14 +426,21 @@ mod tests {
             Message::Done {
                 location: "p/a".into(),
                 buffered: false,
+                pruned: vec!["s0".into()],
             },
-            Message::CleanBuffer,
+            Message::CleanBuffer {
+                source_paths: vec!["".into(), "/a".into()],
+                delete_missing: true,
+                dry_run: false,
+            },
             Message::CleanReport {
                 placed: vec!["/a".into()],
                 failed: vec![PlaceFailure {
                     path: "/b".into(),
                     reason: "busy".into(),
                 }],
+                orphans: vec!["/old".into()],
+                deleted: vec![],
             },
             Message::Bye,
             Message::Error { reason: "x".into() },

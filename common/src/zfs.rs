@@ -115,6 +115,8 @@ pub struct Dataset {
     pub kind: String,
     /// Sorted oldest first (by createtxg).
     pub snapshots: Vec<Snapshot>,
+    /// User properties (`module:name`) that were asked for and are set.
+    pub props: BTreeMap<String, String>,
 }
 
 impl Dataset {
@@ -136,6 +138,7 @@ struct Props {
     guid: Option<u64>,
     createtxg: Option<u64>,
     kind: Option<String>,
+    user: BTreeMap<String, String>,
 }
 
 /// Parses `zfs get -H -p -o name,property,value guid,createtxg,type` output.
@@ -162,6 +165,12 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
                 )
             }
             "type" => p.kind = Some(value.to_string()),
+            // A user property; "-" means not set.
+            user if user.contains(':') => {
+                if value != "-" {
+                    p.user.insert(user.to_string(), value.to_string());
+                }
+            }
             _ => return Err(bad("unexpected property")),
         }
     }
@@ -194,6 +203,7 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
                         guid,
                         kind: kind.clone(),
                         snapshots: Vec::new(),
+                        props: p.user.clone(),
                     },
                 );
             }
@@ -218,14 +228,20 @@ fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
 
-/// `zfs get` of guid, createtxg and type for whole trees, in one call.
-pub fn list_argv(roots: &[&DatasetName], depth: Option<u32>) -> Vec<OsString> {
+/// `zfs get` of guid, createtxg, type and the given user properties for
+/// whole trees, in one call.
+pub fn list_argv(roots: &[&DatasetName], depth: Option<u32>, user_props: &[&str]) -> Vec<OsString> {
     let mut v = os(&["get", "-H", "-p"]);
     match depth {
         Some(d) => v.extend(os(&["-d", &d.to_string()])),
         None => v.push("-r".into()),
     }
-    v.extend(os(&["-o", "name,property,value", "guid,createtxg,type"]));
+    let mut props = "guid,createtxg,type".to_string();
+    for p in user_props {
+        props.push(',');
+        props.push_str(p);
+    }
+    v.extend(os(&["-o", "name,property,value", &props]));
     v.extend(roots.iter().map(|r| OsString::from(r.as_str())));
     v
 }
@@ -397,18 +413,33 @@ impl Zfs {
     /// Lists whole trees (datasets and snapshots) in one `zfs` call. Roots
     /// that do not exist are simply absent from the result.
     pub async fn list_trees(&self, roots: &[&DatasetName]) -> Result<Tree, ZfsError> {
-        self.list(roots, None).await
+        self.list(roots, None, &[]).await
+    }
+
+    /// [`Zfs::list_trees`] with user properties of the datasets, still one
+    /// call.
+    pub async fn list_trees_with(
+        &self,
+        roots: &[&DatasetName],
+        user_props: &[&str],
+    ) -> Result<Tree, ZfsError> {
+        self.list(roots, None, user_props).await
     }
 
     /// One dataset and its snapshots (for refreshing a cache after a
     /// receive); `None` if it does not exist.
     pub async fn list_dataset(&self, ds: &DatasetName) -> Result<Option<Dataset>, ZfsError> {
-        let mut tree = self.list(&[ds], Some(1)).await?;
+        let mut tree = self.list(&[ds], Some(1), &[]).await?;
         Ok(tree.datasets.remove(ds))
     }
 
-    async fn list(&self, roots: &[&DatasetName], depth: Option<u32>) -> Result<Tree, ZfsError> {
-        let args = list_argv(roots, depth);
+    async fn list(
+        &self,
+        roots: &[&DatasetName],
+        depth: Option<u32>,
+        user_props: &[&str],
+    ) -> Result<Tree, ZfsError> {
+        let args = list_argv(roots, depth, user_props);
         let argv = self.show(&args);
         tracing::debug!(%argv, "listing");
         let out = self
@@ -474,6 +505,60 @@ impl Zfs {
 
     pub async fn set(&self, ds: &DatasetName, prop: &str, value: &str) -> Result<(), ZfsError> {
         self.run(&set_argv(ds, prop, value)).await.map(drop)
+    }
+
+    /// One property on many datasets in one call.
+    pub async fn set_many(
+        &self,
+        datasets: &[DatasetName],
+        prop: &str,
+        value: &str,
+    ) -> Result<(), ZfsError> {
+        if datasets.is_empty() {
+            return Ok(());
+        }
+        let mut args = os(&["set", &format!("{prop}={value}")]);
+        args.extend(datasets.iter().map(|d| OsString::from(d.as_str())));
+        self.run(&args).await.map(drop)
+    }
+
+    /// `zfs snapshot -r root@name`: one atomic snapshot of the whole tree.
+    pub async fn snapshot_recursive(&self, snap: &SnapshotName) -> Result<(), ZfsError> {
+        self.run(&os(&["snapshot", "-r", snap.as_str()]))
+            .await
+            .map(drop)
+    }
+
+    /// Destroys one snapshot (`-r`: that name in every descendant too).
+    /// Never a dataset: the name must carry `@`.
+    pub async fn destroy_snapshot(
+        &self,
+        snap: &SnapshotName,
+        recursive: bool,
+    ) -> Result<(), ZfsError> {
+        let mut args = os(&["destroy"]);
+        if recursive {
+            args.push("-r".into());
+        }
+        args.push(snap.as_str().into());
+        // No busy retries: a busy snapshot is a held one.
+        self.run(&args).await.map(drop)
+    }
+
+    /// `zfs hold TAG snap...` (or `release`): protects snapshots from
+    /// destruction. Returns the error when the local zfs has no holds.
+    pub async fn hold(
+        &self,
+        release: bool,
+        tag: &str,
+        snaps: &[SnapshotName],
+    ) -> Result<(), ZfsError> {
+        if snaps.is_empty() {
+            return Ok(());
+        }
+        let mut args = os(&[if release { "release" } else { "hold" }, tag]);
+        args.extend(snaps.iter().map(|s| OsString::from(s.as_str())));
+        self.run(&args).await.map(drop)
     }
 
     async fn retry_busy(
@@ -624,7 +709,7 @@ ptest1/a\x01b\ttype\tfilesystem
             ["receive", "-u", "-F", "q/a"]
         );
         assert_eq!(
-            strs(list_argv(&[&ds("p"), &ds("q")], None)),
+            strs(list_argv(&[&ds("p"), &ds("q")], None, &[])),
             [
                 "get",
                 "-H",
@@ -638,7 +723,7 @@ ptest1/a\x01b\ttype\tfilesystem
             ]
         );
         assert_eq!(
-            strs(list_argv(&[&ds("p/a")], Some(1)))[3..5],
+            strs(list_argv(&[&ds("p/a")], Some(1), &[]))[3..5],
             ["-d".to_string(), "1".to_string()]
         );
         assert_eq!(

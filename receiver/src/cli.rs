@@ -45,6 +45,10 @@ pub struct Args {
     /// Accept only client certificates with this CN or DNS name (repeatable).
     #[arg(long = "allow-client", value_name = "NAME")]
     pub allow_client: Vec<String>,
+    /// Keep every snapshot: do not mirror the sender's retention (by
+    /// default tool-made snapshots the sender pruned are destroyed here too).
+    #[arg(long)]
+    pub keep_all_snapshots: bool,
     /// The zfs binary.
     #[arg(long, value_name = "PATH", default_value = "zfs")]
     pub zfs: PathBuf,
@@ -117,6 +121,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             zfs: Zfs::new(&args.zfs),
             tls,
             allow_clients: args.allow_client,
+            mirror_retention: !args.keep_all_snapshots,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
             max_connections: args.max_connections.max(1),

@@ -29,6 +29,8 @@ pub struct Options {
     pub zfs: Zfs,
     pub tls: Arc<rustls::ServerConfig>,
     pub allow_clients: Vec<String>,
+    /// Destroy tool snapshots the sender no longer has (off: keep all).
+    pub mirror_retention: bool,
     /// A TLS handshake must complete within this.
     pub handshake_timeout: Duration,
     /// Longest silence from a connected sender.
@@ -87,7 +89,7 @@ pub async fn run(
         );
     }
     let shared = Arc::new(Shared {
-        target: Target::new(opts.target.clone(), opts.zfs.clone()),
+        target: Target::new(opts.target.clone(), opts.zfs.clone(), opts.mirror_retention),
         allow_clients: opts.allow_clients.clone(),
     });
     let acceptor = TlsAcceptor::from(opts.tls.clone());

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use zfsync_common::naming::{is_reserved, DatasetName, RelPath};
-use zfsync_common::plan::{negotiate, Decision, FullReason, TargetState};
+use zfsync_common::plan::{mirror, negotiate, Decision, FullReason, TargetState};
 use zfsync_common::protocol::{
     Connection, Frame, Message, PlaceFailure, ProtocolError, WireSnap, PROTOCOL_VERSION,
 };
@@ -23,7 +23,7 @@ use zfsync_common::zfs::{Snapshot, ZfsChild};
 /// killed.
 const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-use crate::state::{DatasetLock, Location, Target};
+use crate::state::{DatasetLock, Location, Target, REPLICA_PROP};
 
 /// How a dataset's streams are being received.
 enum Mode {
@@ -165,9 +165,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     path,
                     snapshots,
                     allow_full,
+                    dry_run,
                 } => {
                     self.abandon().await;
-                    self.sync(&path, &snapshots, allow_full).await
+                    self.sync(&path, &snapshots, allow_full, dry_run).await
                 }
                 Message::Stream { from_guid, to } => {
                     if self.open.is_none() {
@@ -193,9 +194,20 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     }
                     Some(open) => self.finish(open).await,
                 },
-                Message::CleanBuffer => {
+                Message::CleanBuffer {
+                    source_paths,
+                    delete_missing,
+                    dry_run,
+                } => {
                     self.abandon().await;
-                    self.clean_buffer().await
+                    let mut report = if dry_run {
+                        self.would_place()
+                    } else {
+                        self.clean_buffer().await
+                    };
+                    self.orphans(&source_paths, delete_missing && !dry_run, &mut report)
+                        .await;
+                    report
                 }
                 Message::Bye => return Ok(()),
                 other => {
@@ -241,7 +253,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
-    async fn sync(&mut self, path: &str, snapshots: &[WireSnap], allow_full: bool) -> Message {
+    async fn sync(
+        &mut self,
+        path: &str,
+        snapshots: &[WireSnap],
+        allow_full: bool,
+        dry_run: bool,
+    ) -> Message {
         let rel = match RelPath::new(path) {
             Ok(r) => r,
             Err(e) => {
@@ -306,7 +324,23 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             ),
         };
         let decision = negotiate(&snaps, &state, allow_full);
-        tracing::debug!(peer = %self.peer, %rel, ?decision, "negotiated");
+        tracing::debug!(peer = %self.peer, %rel, ?decision, dry_run, "negotiated");
+        if dry_run {
+            // The answer alone: nothing is created, locked or destroyed.
+            return match decision {
+                Decision::NoSnapshots => refused(format!("{rel} has no snapshots to send")),
+                Decision::UpToDate { snapshot } => Message::UpToDate { snapshot },
+                Decision::Incremental { base_guid, count } => Message::Incremental {
+                    base_guid,
+                    count: count as u64,
+                },
+                Decision::New { buffered } => Message::New { buffered },
+                Decision::Full { reason, accepted } => Message::Full {
+                    reason: reason.to_string(),
+                    accepted,
+                },
+            };
+        }
         let open = |dest: DatasetName, buffered: bool, mode: Mode| Open {
             rel: rel.clone(),
             _lock: lock,
@@ -633,9 +667,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// A dataset zfsync created is set `canmount=noauto`: a replica is
     /// never mounted by a rename, a `zfs mount -a` or a reboot (it would
     /// shadow the receiving host's own paths); `zfs mount` still mounts it.
+    /// It is also marked `zfsync:replica=yes`, which `--delete-missing`
+    /// requires before it destroys anything.
     async fn never_automount(&self, ds: &DatasetName) {
-        if let Err(e) = self.target.zfs.set(ds, "canmount", "noauto").await {
+        let zfs = &self.target.zfs;
+        if let Err(e) = zfs.set(ds, "canmount", "noauto").await {
             tracing::warn!(%ds, "cannot set canmount=noauto: {e}");
+        }
+        match zfs.set(ds, REPLICA_PROP, "yes").await {
+            Ok(()) => self.target.mark_replica(ds),
+            Err(e) => tracing::warn!(%ds, "cannot set {REPLICA_PROP}: {e}"),
         }
     }
 
@@ -654,16 +695,45 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Mode::Direct | Mode::Overwrite => Message::Done {
                 location: open.dest.to_string(),
                 buffered: open.buffered,
+                pruned: self.mirror_retention(&open.dest, &open.announced).await,
             },
             Mode::Replace { replaces } => match self.replace(&open.dest, replaces, &open.rel).await
             {
                 Ok(()) => Message::Done {
                     location: replaces.to_string(),
                     buffered: open.buffered,
+                    pruned: Vec::new(),
                 },
                 Err(e) => refused(e),
             },
         }
+    }
+
+    /// Destroys the tool snapshots the sender no longer has (see
+    /// [`mirror`]), unless the receiver keeps everything. Each is destroyed
+    /// on its own, never with `-r`.
+    async fn mirror_retention(&self, dest: &DatasetName, announced: &[Snapshot]) -> Vec<String> {
+        if !self.target.mirror {
+            return Vec::new();
+        }
+        let Some(current) = self.target.get(dest) else {
+            return Vec::new();
+        };
+        let mut pruned = Vec::new();
+        for name in mirror(&current.snapshots, announced) {
+            let Ok(snap) = dest.snapshot(&name) else {
+                continue;
+            };
+            match self.target.zfs.destroy_snapshot(&snap, false).await {
+                Ok(()) => pruned.push(name.to_string()),
+                Err(e) => tracing::warn!(%snap, "mirrored retention: cannot destroy: {e}"),
+            }
+        }
+        if !pruned.is_empty() {
+            tracing::info!(peer = %self.peer, %dest, ?pruned, "mirrored the sender's retention");
+            let _ = self.target.refresh(dest).await;
+        }
+        pruned
     }
 
     /// Swaps a whole new copy (`new`) in for `old`, keeping `old`'s child
@@ -868,7 +938,92 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 Err(e) => tracing::warn!("cannot remove the empty buffer {buf}: {e}"),
             }
         }
-        Message::CleanReport { placed, failed }
+        Message::CleanReport {
+            placed,
+            failed,
+            orphans: Vec::new(),
+            deleted: Vec::new(),
+        }
+    }
+
+    /// What [`Session::clean_buffer`] would place, changing nothing.
+    fn would_place(&self) -> Message {
+        let buffered = self.target.buffered();
+        let waiting: Vec<&RelPath> = buffered.iter().map(|(r, _)| r).collect();
+        let mut placed = Vec::new();
+        let mut failed = Vec::new();
+        for (rel, _) in &buffered {
+            let dest = self.target.in_place_name(rel);
+            let parent_ok = rel.parent().is_none_or(|p| {
+                waiting.contains(&&p)
+                    || self
+                        .target
+                        .in_place_name(&p)
+                        .is_ok_and(|d| self.target.exists(&d))
+            });
+            match dest {
+                Ok(d) if !self.target.exists(&d) && parent_ok => placed.push(rel.to_string()),
+                _ => failed.push(PlaceFailure {
+                    path: rel.as_str().to_string(),
+                    reason: "could not be placed now".into(),
+                }),
+            }
+        }
+        Message::CleanReport {
+            placed,
+            failed,
+            orphans: Vec::new(),
+            deleted: Vec::new(),
+        }
+    }
+
+    /// Fills in the replicas whose source is gone and, with `delete`,
+    /// destroys them: only whole subtrees that zfsync created
+    /// (`zfsync:replica=yes`) and that are all orphaned.
+    async fn orphans(&self, source_paths: &[String], delete: bool, report: &mut Message) {
+        let Message::CleanReport {
+            orphans, deleted, ..
+        } = report
+        else {
+            return;
+        };
+        let source: std::collections::HashSet<&str> =
+            source_paths.iter().map(String::as_str).collect();
+        if source.is_empty() {
+            return; // never judge against an empty list
+        }
+        let found = self.target.orphans(&source);
+        *orphans = found
+            .iter()
+            .map(|(rel, _)| rel.as_str().to_string())
+            .collect();
+        if !delete {
+            return;
+        }
+        for (rel, ds) in &found {
+            // Only the top of an orphaned subtree; -r takes the rest.
+            if rel
+                .parent()
+                .is_some_and(|p| found.iter().any(|(r, _)| *r == p))
+            {
+                continue;
+            }
+            if !self.target.all_replicas(ds) {
+                tracing::warn!(%ds, "orphaned, but not created by zfsync (or holds such a dataset): left alone");
+                continue;
+            }
+            let Some(_lock) = self.target.try_lock(rel) else {
+                continue;
+            };
+            match self.target.zfs.destroy_recursive(ds).await {
+                Ok(()) => {
+                    tracing::warn!(peer = %self.peer, %ds, "destroyed an orphaned replica (--delete-missing)");
+                    self.target.destroyed(ds);
+                    deleted.push(rel.as_str().to_string());
+                }
+                Err(e) => tracing::warn!(%ds, "cannot destroy the orphaned replica: {e}"),
+            }
+        }
     }
 }
 

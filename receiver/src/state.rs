@@ -19,8 +19,13 @@ pub enum Location {
     Absent { parent_present: bool },
 }
 
+/// The user property that marks datasets zfsync created.
+pub const REPLICA_PROP: &str = "zfsync:replica";
+
 pub struct Target {
     pub name: DatasetName,
+    /// Mirror the sender's retention (destroy tool snapshots it dropped).
+    pub mirror: bool,
     pub buffer: DatasetName,
     pub zfs: Zfs,
     /// Cache of every dataset under the target and the buffer. Guarded by a
@@ -52,8 +57,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Target {
-    pub fn new(name: DatasetName, zfs: Zfs) -> Self {
+    pub fn new(name: DatasetName, zfs: Zfs, mirror: bool) -> Self {
         Target {
+            mirror,
             buffer: buffer_root(&name),
             name,
             zfs,
@@ -77,7 +83,10 @@ impl Target {
 
     /// Lists both trees again (after a replacement, which moves many).
     pub async fn relist(&self) -> Result<(), ZfsError> {
-        let tree = self.zfs.list_trees(&[&self.name, &self.buffer]).await?;
+        let tree = self
+            .zfs
+            .list_trees_with(&[&self.name, &self.buffer], &[REPLICA_PROP])
+            .await?;
         for (name, why) in &tree.skipped {
             tracing::warn!(%name, %why, "ignoring a dataset zfsync cannot name");
         }
@@ -91,7 +100,12 @@ impl Target {
         let mut cache = lock(&self.cache);
         match &got {
             Some(d) => {
-                cache.insert(ds.clone(), d.clone());
+                // The one-dataset listing has no user properties: keep ours.
+                let mut d = d.clone();
+                if let Some(old) = cache.get(ds) {
+                    d.props = old.props.clone();
+                }
+                cache.insert(ds.clone(), d);
             }
             None => {
                 cache.remove(ds);
@@ -115,6 +129,34 @@ impl Target {
             .filter(|k| k.parent().as_ref() == Some(ds))
             .cloned()
             .collect()
+    }
+
+    pub fn mark_replica(&self, ds: &DatasetName) {
+        if let Some(d) = lock(&self.cache).get_mut(ds) {
+            d.props.insert(REPLICA_PROP.to_string(), "yes".to_string());
+        }
+    }
+
+    /// Did zfsync create `ds` and everything below it?
+    pub fn all_replicas(&self, ds: &DatasetName) -> bool {
+        lock(&self.cache)
+            .iter()
+            .filter(|(k, _)| *k == ds || k.relative_to(ds).is_some())
+            .all(|(_, d)| d.props.get(REPLICA_PROP).is_some_and(|v| v == "yes"))
+    }
+
+    /// Datasets in place under the target whose relative path is not in
+    /// `source`, parents first. The buffer is never an orphan.
+    pub fn orphans(&self, source: &std::collections::HashSet<&str>) -> Vec<(RelPath, DatasetName)> {
+        let cache = lock(&self.cache);
+        let mut v: Vec<(RelPath, DatasetName)> = cache
+            .keys()
+            .filter(|k| !(*k == &self.buffer || k.relative_to(&self.buffer).is_some()))
+            .filter_map(|k| k.relative_to(&self.name).map(|r| (r, k.clone())))
+            .filter(|(r, _)| !source.contains(r.as_str()))
+            .collect();
+        v.sort_by(|a, b| a.0.tree_order_key().cmp(&b.0.tree_order_key()));
+        v
     }
 
     /// Every dataset below `ds` (not `ds` itself).
@@ -241,11 +283,12 @@ mod tests {
             guid: 1,
             kind: "filesystem".into(),
             snapshots: Vec::new(),
+            props: Default::default(),
         }
     }
 
     fn target_with(names: &[&str]) -> Target {
-        let t = Target::new(ds("p/t"), Zfs::default());
+        let t = Target::new(ds("p/t"), Zfs::default(), true);
         {
             let mut c = lock(&t.cache);
             for n in names {

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use chrono::Timelike;
 use clap::Parser;
 use zfsync_common::client::ClientOptions;
-use zfsync_common::naming::DatasetName;
+use zfsync_common::naming::{DatasetName, SnapClass};
 use zfsync_common::protocol::DEFAULT_PORT;
 use zfsync_common::tls::{client_config, TlsFiles};
 use zfsync_common::zfs::Zfs;
@@ -51,6 +52,25 @@ pub struct Args {
     /// whole.
     #[arg(long)]
     pub full: bool,
+    /// Before the run, take the recursive snapshot
+    /// SOURCE@<yymmdd-HHMMSS>_<CLASS> (local time). CLASS is S, M, H or D,
+    /// or `auto`: D at 00:00, H at minute 0, M at minutes 15/30/45, else S.
+    #[arg(long, value_name = "CLASS")]
+    pub snapshot: Option<String>,
+    /// After the run, keep only the newest N tool snapshots of the
+    /// --snapshot class (never a person's snapshot, never the last one the
+    /// receiver confirmed).
+    #[arg(long, value_name = "N", requires = "snapshot")]
+    pub keep: Option<usize>,
+    /// Print what would be sent, placed, pruned and deleted; change nothing
+    /// on either side.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Destroy replicas on the receiver whose source dataset is gone (only
+    /// datasets zfsync created; listed in the summary). Skipped when any
+    /// dataset failed in the run.
+    #[arg(long)]
+    pub delete_missing: bool,
     /// The zfs binary.
     #[arg(long, value_name = "PATH", default_value = "zfs")]
     pub zfs: PathBuf,
@@ -107,6 +127,28 @@ async fn run(args: Args) -> u8 {
             format!("invalid receiver name {server_name:?}: give a host name or an IP address (or --server-name)"),
         );
     }
+    let snapshot = match args.snapshot.as_deref() {
+        None => None,
+        Some(c) => {
+            let now = chrono::Local::now();
+            let class = if c.eq_ignore_ascii_case("auto") {
+                Some(SnapClass::for_time(now.hour(), now.minute()))
+            } else {
+                let mut chars = c.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(l), None) => SnapClass::from_letter(l),
+                    _ => None,
+                }
+            };
+            let Some(class) = class else {
+                return fail(
+                    exit::USAGE,
+                    format!("--snapshot {c:?}: give S, M, H, D or auto"),
+                );
+            };
+            Some((class, now.format("%y%m%d-%H%M%S").to_string()))
+        }
+    };
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -126,13 +168,22 @@ async fn run(args: Args) -> u8 {
         },
         threads: args.threads.max(1),
         allow_full: args.full,
+        snapshot,
+        keep: args.keep,
+        dry_run: args.dry_run,
+        delete_missing: args.delete_missing,
+        receiver_id: crate::retention::receiver_id(&args.receiver, args.port),
     };
     match crate::run(opts).await {
         Ok(report) => {
             print!("{}", crate::summary(&source, &receiver, &report));
+            if let Some(e) = &report.unreachable {
+                eprintln!("zfsync-send: {e}");
+            }
             report.exit_code()
         }
         Err(e @ SendError::Connect(_)) => fail(exit::UNREACHABLE, e),
+        Err(e @ SendError::Snapshot(..)) => fail(exit::FAILED, e),
         // No source, or `zfs` cannot list it: nothing was done.
         Err(e) => fail(exit::USAGE, e),
     }

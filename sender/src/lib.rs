@@ -5,6 +5,7 @@
 //! buffered.
 
 pub mod cli;
+pub mod retention;
 pub mod summary;
 
 use std::collections::VecDeque;
@@ -12,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use zfsync_common::client::{Client, ClientError, ClientOptions};
-use zfsync_common::naming::{DatasetName, RelPath};
+use zfsync_common::client::{CleanReport, Client, ClientError, ClientOptions};
+use zfsync_common::naming::{tool_snapshot, DatasetName, RelPath, SnapClass};
 use zfsync_common::plan::{steps, Decision, FullReason, Step};
 use zfsync_common::protocol::Message;
 use zfsync_common::zfs::{Dataset, Zfs, ZfsError};
@@ -40,6 +41,8 @@ pub enum SendError {
     List(#[from] ZfsError),
     #[error(transparent)]
     Connect(ClientError),
+    #[error("cannot take the snapshot {0}: {1}")]
+    Snapshot(String, ZfsError),
 }
 
 pub struct Options {
@@ -48,6 +51,16 @@ pub struct Options {
     pub client: ClientOptions,
     pub threads: usize,
     pub allow_full: bool,
+    /// Take `SOURCE@<stamp>_<class>` (recursive) before the run.
+    pub snapshot: Option<(SnapClass, String)>,
+    /// Keep this many tool snapshots of the snapshot's class.
+    pub keep: Option<usize>,
+    /// Report what would be done; change nothing on either side.
+    pub dry_run: bool,
+    /// Destroy replicas on the receiver whose source is gone.
+    pub delete_missing: bool,
+    /// This receiver's name in the confirmation property and hold tag.
+    pub receiver_id: String,
 }
 
 /// One dataset to sync.
@@ -60,14 +73,27 @@ struct Job {
 }
 
 /// The result of a run.
+#[derive(Default)]
 pub struct Report {
     pub outcomes: Vec<Outcome>,
     pub elapsed: Duration,
+    pub dry_run: bool,
+    /// The snapshot this run took.
+    pub snapshot: Option<String>,
+    pub retention: retention::Retention,
+    /// The receiver's end-of-run report (orphans, deletions).
+    pub clean: CleanReport,
+    /// Snapshots the receiver destroyed to mirror retention.
+    pub mirrored: usize,
+    /// Set when the receiver could not be reached at all.
+    pub unreachable: Option<String>,
 }
 
 impl Report {
     pub fn exit_code(&self) -> u8 {
-        if self.outcomes.iter().any(Outcome::failed) {
+        if self.unreachable.is_some() {
+            exit::UNREACHABLE
+        } else if self.outcomes.iter().any(Outcome::failed) {
             exit::FAILED
         } else {
             exit::OK
@@ -77,8 +103,12 @@ impl Report {
 
 /// Lists the source tree in one `zfs` call; returns its datasets
 /// parent-first.
-async fn list_jobs(zfs: &Zfs, source: &DatasetName) -> Result<(Vec<Job>, Vec<Outcome>), SendError> {
-    let tree = zfs.list_trees(&[source]).await?;
+async fn list_jobs(
+    zfs: &Zfs,
+    source: &DatasetName,
+    user_props: &[&str],
+) -> Result<(Vec<Job>, Vec<Outcome>), SendError> {
+    let tree = zfs.list_trees_with(&[source], user_props).await?;
     if !tree.datasets.contains_key(source) {
         return Err(SendError::NoSource(source.clone()));
     }
@@ -97,9 +127,11 @@ async fn list_jobs(zfs: &Zfs, source: &DatasetName) -> Result<(Vec<Job>, Vec<Out
     let skipped = tree
         .skipped
         .into_iter()
-        .filter(|(name, _)| !name.contains('@'))
         .filter_map(|(name, why)| {
             tracing::warn!(%name, "cannot replicate: {why}");
+            if name.contains('@') {
+                return None;
+            }
             // Only datasets whose name we can still show as a DatasetName
             // fit the summary; report the others in the log only.
             DatasetName::new(name.split('@').next().unwrap_or(&name))
@@ -113,18 +145,53 @@ async fn list_jobs(zfs: &Zfs, source: &DatasetName) -> Result<(Vec<Job>, Vec<Out
     Ok((jobs, skipped))
 }
 
-/// Runs one replication. Errors only when nothing could be done at all
-/// (no source, receiver unreachable); per-dataset failures are in the
-/// report.
+/// Runs one replication: takes the snapshot (`--snapshot`), lists the
+/// tree once, syncs, records what the receiver confirmed, applies retention
+/// (`--keep`). Errors only when nothing could be done at all (no source, no
+/// snapshot); per-dataset failures and an unreachable receiver are in the
+/// report, after retention ran: the confirmed base is never pruned.
 pub async fn run(opts: Options) -> Result<Report, SendError> {
     let started = Instant::now();
-    let (jobs, mut outcomes) = list_jobs(&opts.zfs, &opts.source).await?;
+    let mut report = Report {
+        dry_run: opts.dry_run,
+        ..Report::default()
+    };
+    if let (Some((class, stamp)), false) = (&opts.snapshot, opts.dry_run) {
+        let snap = tool_snapshot(stamp, *class)
+            .and_then(|n| opts.source.snapshot(&n))
+            .map_err(|e| {
+                SendError::Snapshot(
+                    stamp.clone(),
+                    ZfsError::Parse {
+                        line: stamp.clone(),
+                        reason: e.to_string(),
+                    },
+                )
+            })?;
+        opts.zfs
+            .snapshot_recursive(&snap)
+            .await
+            .map_err(|e| SendError::Snapshot(snap.to_string(), e))?;
+        tracing::info!(%snap, "snapshot taken");
+        report.snapshot = Some(snap.to_string());
+    }
+    let prop = retention::confirm_prop(&opts.receiver_id);
+    let (jobs, mut outcomes) = list_jobs(&opts.zfs, &opts.source, &[&prop]).await?;
     tracing::info!(datasets = jobs.len(), source = %opts.source, "listed the source tree");
+    let datasets: Vec<Dataset> = jobs.iter().map(|j| j.dataset.clone()).collect();
+    let source_paths: Vec<String> = jobs.iter().map(|j| j.rel.as_str().to_string()).collect();
     // Connect the first worker before anything else, so that an unreachable
     // or refusing receiver is one clear error.
-    let first = Client::connect(&opts.client)
-        .await
-        .map_err(SendError::Connect)?;
+    let first = match Client::connect(&opts.client).await {
+        Ok(c) => c,
+        Err(e) => {
+            // Retention still runs: it keeps the last confirmed base.
+            report.retention = retention::apply(&opts, &datasets, &[]).await;
+            report.unreachable = Some(e.to_string());
+            report.elapsed = started.elapsed();
+            return Ok(report);
+        }
+    };
     let queue = Arc::new(Mutex::new(jobs.into_iter().collect::<VecDeque<Job>>()));
     let results = Arc::new(Mutex::new(Vec::new()));
     let opts = Arc::new(opts);
@@ -153,13 +220,24 @@ pub async fn run(opts: Options) -> Result<Report, SendError> {
             },
         });
     }
-    clean_buffer(&opts, &mut done).await;
+    let delete = opts.delete_missing && !done.iter().any(Outcome::failed);
+    if opts.delete_missing && !delete {
+        tracing::warn!("--delete-missing skipped: some datasets failed in this run");
+    }
+    report.clean = clean_buffer(&opts, &mut done, source_paths, delete).await;
     outcomes.extend(done);
     outcomes.sort_by(|a, b| a.dataset.cmp(&b.dataset));
-    Ok(Report {
-        outcomes,
-        elapsed: started.elapsed(),
-    })
+    report.mirrored = outcomes
+        .iter()
+        .map(|o| match &o.status {
+            Status::Sent { mirrored, .. } => *mirrored,
+            _ => 0,
+        })
+        .sum();
+    report.retention = retention::apply(&opts, &datasets, &outcomes).await;
+    report.outcomes = outcomes;
+    report.elapsed = started.elapsed();
+    Ok(report)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -256,10 +334,43 @@ async fn sync_one(
             lost,
         )
     };
-    let reply = match client.sync(&job.rel, snaps, opts.allow_full).await {
+    let reply = if opts.dry_run {
+        client.plan(&job.rel, snaps, opts.allow_full).await
+    } else {
+        client.sync(&job.rel, snaps, opts.allow_full).await
+    };
+    let reply = match reply {
         Ok(r) => r,
         Err(e) => return failed(e),
     };
+    let newest = snaps.last().map(|s| s.name.to_string()).unwrap_or_default();
+    if opts.dry_run {
+        let what = match &reply {
+            Message::Incremental { base_guid, count } => {
+                let base = snaps
+                    .iter()
+                    .find(|s| s.guid == *base_guid)
+                    .map(|s| s.name.to_string())
+                    .unwrap_or_default();
+                Some(format!(
+                    "would send incremental @{base}..@{newest}, {count} snapshot(s)"
+                ))
+            }
+            Message::New { buffered } => Some(format!(
+                "would send full ..@{newest}, {} snapshot(s){}",
+                snaps.len(),
+                if *buffered { ", into the buffer" } else { "" }
+            )),
+            Message::Full {
+                reason,
+                accepted: true,
+            } => Some(format!("would replace the receiver's copy ({reason})")),
+            _ => None,
+        };
+        if let Some(what) = what {
+            return (Status::Planned { what }, false);
+        }
+    }
     let (decision, kind, count) = match reply {
         Message::UpToDate { snapshot } => return (Status::UpToDate { snapshot }, false),
         Message::Incremental { base_guid, count } => (
@@ -324,7 +435,7 @@ async fn sync_one(
             Err((reason, lost)) => return (Status::Failed { reason }, lost),
         }
     }
-    let (_, buffered) = match client.finish().await {
+    let finished = match client.finish().await {
         Ok(x) => x,
         Err(e) => return failed(e),
     };
@@ -335,16 +446,16 @@ async fn sync_one(
             .map(|s| s.name.to_string()),
         _ => None,
     };
-    let to = snaps.last().map(|s| s.name.to_string()).unwrap_or_default();
     (
         Status::Sent {
             kind,
             from,
-            to,
+            to: newest,
             snapshots: count,
             bytes,
-            buffered,
+            buffered: finished.buffered,
             placed: false,
+            mirrored: finished.pruned.len(),
         },
         false,
     )
@@ -422,32 +533,42 @@ async fn send_step(
 
 /// Asks the receiver to place buffered datasets and folds its report into
 /// the outcomes.
-async fn clean_buffer(opts: &Options, outcomes: &mut [Outcome]) {
+async fn clean_buffer(
+    opts: &Options,
+    outcomes: &mut [Outcome],
+    source_paths: Vec<String>,
+    delete_missing: bool,
+) -> CleanReport {
     // A fresh connection: the workers' may have idled out meanwhile.
     let report = match Client::connect(&opts.client).await {
         Ok(mut c) => {
-            let r = c.clean_buffer().await;
+            let r = c
+                .clean_buffer(source_paths, delete_missing, opts.dry_run)
+                .await;
             c.bye().await;
             r
         }
         Err(e) => Err(e),
     };
+    if opts.dry_run {
+        return report.unwrap_or_default();
+    }
     let dataset_of = |path: &str| {
         RelPath::new(path)
             .ok()
             .and_then(|rel| opts.source.join(&rel).ok())
     };
     match report {
-        Ok((placed, failed)) => {
-            for p in placed {
-                let Some(ds) = dataset_of(&p) else { continue };
+        Ok(report) => {
+            for p in &report.placed {
+                let Some(ds) = dataset_of(p) else { continue };
                 if let Some(o) = outcomes.iter_mut().find(|o| o.dataset == ds) {
                     if let Status::Sent { placed, .. } = &mut o.status {
                         *placed = true;
                     }
                 }
             }
-            for f in failed {
+            for f in &report.failed {
                 let reason = format!("received into the buffer but not placed: {}", f.reason);
                 match dataset_of(&f.path)
                     .and_then(|ds| outcomes.iter_mut().find(|o| o.dataset == ds))
@@ -458,6 +579,7 @@ async fn clean_buffer(opts: &Options, outcomes: &mut [Outcome]) {
                     }
                 }
             }
+            report
         }
         Err(e) => {
             // Datasets still in the buffer are not in place.
@@ -473,11 +595,37 @@ async fn clean_buffer(opts: &Options, outcomes: &mut [Outcome]) {
                     };
                 }
             }
+            CleanReport::default()
         }
     }
 }
 
 /// Formats the per-dataset summary for printing.
 pub fn summary(opts_source: &DatasetName, receiver: &str, report: &Report) -> String {
-    summary::render(opts_source, receiver, &report.outcomes, report.elapsed, 50)
+    let mut s = String::new();
+    if report.dry_run {
+        s.push_str("DRY RUN: nothing was changed on either side\n");
+    }
+    if let Some(snap) = &report.snapshot {
+        s.push_str(&format!("snapshot taken: {snap}\n"));
+    }
+    s.push_str(&summary::render(
+        opts_source,
+        receiver,
+        &report.outcomes,
+        report.elapsed,
+        50,
+    ));
+    s.push_str(&summary::render_after(
+        &report.retention,
+        report.mirrored,
+        &report.clean,
+        report.dry_run,
+    ));
+    if let Some(e) = &report.unreachable {
+        s.push_str(&format!(
+            "result: receiver unreachable, nothing sent: {e}\n"
+        ));
+    }
+    s
 }

@@ -29,6 +29,12 @@ pub enum Status {
         /// Received into the buffer; `placed` once cleanbuffer moved it.
         buffered: bool,
         placed: bool,
+        /// Snapshots the receiver destroyed to mirror retention.
+        mirrored: usize,
+    },
+    /// `--dry-run`: what would be done.
+    Planned {
+        what: String,
     },
     NoSnapshots,
     Failed {
@@ -75,6 +81,7 @@ fn describe(status: &Status) -> String {
             bytes,
             buffered,
             placed,
+            ..
         } => {
             let what = match (kind, from) {
                 (SendKind::Incremental, Some(f)) => format!("incremental @{f}..@{to}"),
@@ -99,6 +106,7 @@ fn describe(status: &Status) -> String {
             "skipped: no snapshots (take one with `zfs snapshot -r`)".to_string()
         }
         Status::Failed { reason } => format!("FAILED: {reason}"),
+        Status::Planned { what } => what.clone(),
     }
 }
 
@@ -173,6 +181,79 @@ pub fn render(
     out
 }
 
+/// Lists at most this many names per line of the closing summary.
+const LIST: usize = 10;
+
+fn listed(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(LIST)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > LIST {
+        let _ = write!(s, " and {} more", names.len() - LIST);
+    }
+    s
+}
+
+/// Retention, mirrored retention and orphans, after the dataset lines.
+pub fn render_after(
+    r: &crate::retention::Retention,
+    mirrored: usize,
+    clean: &zfsync_common::client::CleanReport,
+    dry_run: bool,
+) -> String {
+    let mut out = String::new();
+    if let (Some(class), Some(keep)) = (r.class, r.keep) {
+        let verb = if dry_run { "would prune" } else { "pruned" };
+        let _ = write!(
+            out,
+            "retention (class {}, keep {keep}): {verb} {} snapshot(s)",
+            class.letter(),
+            r.pruned.len()
+        );
+        if !r.pruned.is_empty() {
+            let _ = write!(out, ": {}", listed(&r.pruned));
+        }
+        out.push('\n');
+        if !r.held_back.is_empty() {
+            let _ = writeln!(
+                out,
+                "retention held back (the last snapshot the receiver confirmed, the next incremental's base): {}",
+                listed(&r.held_back)
+            );
+        }
+    }
+    for e in &r.errors {
+        let _ = writeln!(out, "retention error: {e}");
+    }
+    if mirrored > 0 {
+        let _ = writeln!(
+            out,
+            "receiver mirrored retention: {mirrored} snapshot(s) it had and this host pruned"
+        );
+    }
+    if !clean.orphans.is_empty() {
+        let _ = writeln!(
+            out,
+            "orphaned on the receiver (source gone): {}",
+            listed(&clean.orphans)
+        );
+        if clean.deleted.is_empty() {
+            let _ = writeln!(out, "  (--delete-missing destroys those zfsync created)");
+        }
+    }
+    if !clean.deleted.is_empty() {
+        let _ = writeln!(
+            out,
+            "deleted on the receiver (--delete-missing): {}",
+            listed(&clean.deleted)
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +292,7 @@ mod tests {
                     bytes: 2048,
                     buffered: false,
                     placed: false,
+                    mirrored: 0,
                 },
             ),
             o(
@@ -223,6 +305,7 @@ mod tests {
                     bytes: 10,
                     buffered: true,
                     placed: true,
+                    mirrored: 0,
                 },
             ),
             o("p/a/d", Status::NoSnapshots),

@@ -1,0 +1,196 @@
+//! Retention on the sender: records which snapshot each dataset's receiver
+//! confirmed (a user property per receiver, and a hold where `zfs` has
+//! holds), then prunes tool snapshots of the run's class beyond `--keep`,
+//! never the confirmed base of the next incremental and never a snapshot a
+//! person made. What to prune is decided by [`zfsync_common::plan::prune`].
+
+use std::collections::BTreeMap;
+
+use zfsync_common::naming::{DatasetName, SnapClass, SnapName};
+use zfsync_common::plan::prune;
+use zfsync_common::zfs::Dataset;
+
+use crate::summary::{Outcome, Status};
+use crate::Options;
+
+/// The user property that records, per receiver, the newest snapshot the
+/// receiver confirmed (its name).
+pub fn confirm_prop(receiver_id: &str) -> String {
+    format!("zfsync:synced_{receiver_id}")
+}
+
+/// The hold tag on that snapshot.
+pub fn hold_tag(receiver_id: &str) -> String {
+    format!("zfsync_{receiver_id}")
+}
+
+/// `host:port` as it may stand in a property name: lower-case letters,
+/// digits and `. _ -`.
+pub fn receiver_id(host: &str, port: u16) -> String {
+    format!("{host}_{port}")
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// What retention did (or, in a dry run, would do).
+#[derive(Clone, Debug, Default)]
+pub struct Retention {
+    pub class: Option<SnapClass>,
+    pub keep: Option<usize>,
+    /// `dataset@snapshot`, destroyed (or, in a dry run, to be destroyed).
+    pub pruned: Vec<String>,
+    /// Kept against the count: the last snapshot the receiver confirmed.
+    pub held_back: Vec<String>,
+    /// Datasets whose confirmation moved in this run.
+    pub confirmed: usize,
+    pub errors: Vec<String>,
+}
+
+fn in_sync(o: &Outcome) -> bool {
+    match &o.status {
+        Status::UpToDate { .. } => true,
+        Status::Sent {
+            buffered, placed, ..
+        } => !buffered || *placed,
+        _ => false,
+    }
+}
+
+fn snap(ds: &DatasetName, name: &str) -> Option<zfsync_common::naming::SnapshotName> {
+    SnapName::new(name).ok().and_then(|n| ds.snapshot(&n).ok())
+}
+
+/// Records this run's confirmations, then prunes. `datasets` is the run's
+/// one listing (taken after the run's snapshot); `outcomes` is empty when
+/// the receiver could not be reached.
+pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -> Retention {
+    let zfs = &opts.zfs;
+    let prop = confirm_prop(&opts.receiver_id);
+    let tag = hold_tag(&opts.receiver_id);
+    let mut r = Retention {
+        class: opts.snapshot.as_ref().map(|(c, _)| *c),
+        keep: opts.keep,
+        ..Retention::default()
+    };
+    let by_name: BTreeMap<&DatasetName, &Dataset> = datasets.iter().map(|d| (&d.name, d)).collect();
+    let mut confirmed: BTreeMap<DatasetName, String> = datasets
+        .iter()
+        .filter_map(|d| d.props.get(&prop).map(|v| (d.name.clone(), v.clone())))
+        .collect();
+
+    // 1. Confirmations: one `zfs set` per snapshot name (a recursive
+    // snapshot gives the whole tree one name), only where it moved.
+    if !opts.dry_run {
+        let mut moved: BTreeMap<String, Vec<DatasetName>> = BTreeMap::new();
+        let mut released: Vec<zfsync_common::naming::SnapshotName> = Vec::new();
+        for o in outcomes.iter().filter(|o| in_sync(o)) {
+            let Some(d) = by_name.get(&o.dataset) else {
+                continue;
+            };
+            let Some(newest) = d.newest() else { continue };
+            let newest = newest.name.to_string();
+            let old = confirmed.get(&d.name).cloned();
+            if old.as_deref() == Some(newest.as_str()) {
+                continue;
+            }
+            if let Some(old) = old {
+                if d.snapshots.iter().any(|s| s.name.as_str() == old) {
+                    released.extend(snap(&d.name, &old));
+                }
+            }
+            moved.entry(newest).or_default().push(d.name.clone());
+        }
+        for (name, dss) in &moved {
+            match zfs.set_many(dss, &prop, name).await {
+                Ok(()) => {
+                    r.confirmed += dss.len();
+                    for d in dss {
+                        confirmed.insert(d.clone(), name.clone());
+                    }
+                }
+                Err(e) => r
+                    .errors
+                    .push(format!("recording the confirmation @{name}: {e}")),
+            }
+            let held: Vec<_> = dss.iter().filter_map(|d| snap(d, name)).collect();
+            if let Err(e) = zfs.hold(false, &tag, &held).await {
+                tracing::debug!("no hold on @{name} (this zfs may have no holds): {e}");
+            }
+        }
+        if let Err(e) = zfs.hold(true, &tag, &released).await {
+            tracing::debug!("releasing earlier holds: {e}");
+        }
+    }
+
+    // 2. Pruning of the run's class.
+    let (Some((class, _)), Some(keep)) = (&opts.snapshot, opts.keep) else {
+        return r;
+    };
+    let mut doomed: BTreeMap<String, Vec<DatasetName>> = BTreeMap::new();
+    for d in datasets {
+        let plan = prune(
+            &d.snapshots,
+            *class,
+            keep,
+            confirmed.get(&d.name).map(String::as_str),
+        );
+        if let Some(h) = plan.held_back {
+            r.held_back.push(format!("{}@{h}", d.name));
+        }
+        for n in plan.destroy {
+            doomed
+                .entry(n.to_string())
+                .or_default()
+                .push(d.name.clone());
+        }
+    }
+    for (name, dss) in doomed {
+        if opts.dry_run {
+            r.pruned.extend(dss.iter().map(|d| format!("{d}@{name}")));
+            continue;
+        }
+        // The whole tree at once where every copy of the name goes.
+        let having = datasets
+            .iter()
+            .filter(|d| d.snapshots.iter().any(|s| s.name.as_str() == name))
+            .count();
+        let whole = dss.len() == having && dss.contains(&opts.source);
+        let calls: Vec<(DatasetName, bool)> = if whole {
+            vec![(opts.source.clone(), true)]
+        } else {
+            dss.iter().map(|d| (d.clone(), false)).collect()
+        };
+        for (ds, recursive) in calls {
+            let Some(s) = snap(&ds, &name) else { continue };
+            match zfs.destroy_snapshot(&s, recursive).await {
+                Ok(()) if recursive => r.pruned.extend(dss.iter().map(|d| format!("{d}@{name}"))),
+                Ok(()) => r.pruned.push(s.to_string()),
+                Err(e) => r.errors.push(format!("pruning {s}: {e}")),
+            }
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receiver_ids_fit_property_names() {
+        assert_eq!(
+            receiver_id("Backup.example.org", 7878),
+            "backup.example.org_7878"
+        );
+        assert_eq!(receiver_id("::1", 1), "__1_1");
+        assert_eq!(confirm_prop("h_1"), "zfsync:synced_h_1");
+    }
+}
