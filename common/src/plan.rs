@@ -193,6 +193,9 @@ pub struct Prune {
     /// Would have been destroyed, but it is the newest snapshot the
     /// receiver confirmed: the base of the next incremental.
     pub held_back: Option<SnapName>,
+    /// Would have been destroyed, but someone holds it (`zfs hold`: another
+    /// receiver's base, or a person).
+    pub held: Vec<SnapName>,
 }
 
 /// Keeps the newest `keep` tool snapshots of `class` (a person's snapshots
@@ -202,6 +205,7 @@ pub fn prune(
     class: SnapClass,
     keep: usize,
     confirmed: Option<&str>,
+    held: &std::collections::BTreeSet<String>,
 ) -> Prune {
     let ours: Vec<&Snapshot> = snapshots
         .iter()
@@ -212,6 +216,8 @@ pub fn prune(
     for s in &ours[..surplus] {
         if Some(s.name.as_str()) == confirmed {
             out.held_back = Some(s.name.clone());
+        } else if held.contains(s.name.as_str()) {
+            out.held.push(s.name.clone());
         } else {
             out.destroy.push(s.name.clone());
         }
@@ -452,18 +458,27 @@ mod tests {
             s("261104-000000_D", 6, 6),
         ];
         let names = |v: &[SnapName]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let p = prune(&snaps, SnapClass::D, 2, None);
+        let none = std::collections::BTreeSet::new();
+        let held = ["261101-000000_D".to_string()].into_iter().collect();
+        let p = prune(&snaps, SnapClass::D, 2, None, &held);
+        assert_eq!(names(&p.destroy), ["261102-000000_D"]);
+        assert_eq!(names(&p.held), ["261101-000000_D"]);
+        let p = prune(&snaps, SnapClass::D, 2, None, &none);
         assert_eq!(names(&p.destroy), ["261101-000000_D", "261102-000000_D"]);
         assert_eq!(p.held_back, None);
         // The confirmed base survives even a keep of 1.
-        let p = prune(&snaps, SnapClass::D, 1, Some("261102-000000_D"));
+        let p = prune(&snaps, SnapClass::D, 1, Some("261102-000000_D"), &none);
         assert_eq!(names(&p.destroy), ["261101-000000_D", "261103-000000_D"]);
         assert_eq!(p.held_back.unwrap().as_str(), "261102-000000_D");
         // Other classes and a person's snapshots are never touched.
-        let p = prune(&snaps, SnapClass::H, 0, None);
+        let p = prune(&snaps, SnapClass::H, 0, None, &none);
         assert_eq!(names(&p.destroy), ["261102-010000_H"]);
-        assert!(prune(&snaps, SnapClass::S, 0, None).destroy.is_empty());
-        assert!(prune(&snaps, SnapClass::D, 10, None).destroy.is_empty());
+        assert!(prune(&snaps, SnapClass::S, 0, None, &none)
+            .destroy
+            .is_empty());
+        assert!(prune(&snaps, SnapClass::D, 10, None, &none)
+            .destroy
+            .is_empty());
     }
 
     #[test]

@@ -117,6 +117,8 @@ pub struct Dataset {
     pub snapshots: Vec<Snapshot>,
     /// User properties (`module:name`) that were asked for and are set.
     pub props: BTreeMap<String, String>,
+    /// Snapshots with holds (`userrefs` > 0), when `userrefs` was asked for.
+    pub held: std::collections::BTreeSet<String>,
 }
 
 impl Dataset {
@@ -139,6 +141,7 @@ struct Props {
     createtxg: Option<u64>,
     kind: Option<String>,
     user: BTreeMap<String, String>,
+    held: bool,
 }
 
 /// Parses `zfs get -H -p -o name,property,value guid,createtxg,type` output.
@@ -165,6 +168,7 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
                 )
             }
             "type" => p.kind = Some(value.to_string()),
+            "userrefs" => p.held = value.parse::<u64>().is_ok_and(|n| n > 0),
             // A user property; "-" means not set.
             user if user.contains(':') => {
                 if value != "-" {
@@ -175,7 +179,7 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
         }
     }
     let mut tree = Tree::default();
-    let mut snaps: Vec<(DatasetName, Snapshot)> = Vec::new();
+    let mut snaps: Vec<(DatasetName, Snapshot, bool)> = Vec::new();
     for (name, p) in props {
         let (Some(guid), Some(createtxg), Some(kind)) = (p.guid, p.createtxg, p.kind) else {
             return Err(ZfsError::Parse {
@@ -193,6 +197,7 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
                         guid,
                         createtxg,
                     },
+                    p.held,
                 ));
             } else {
                 let ds = DatasetName::new(name)?;
@@ -204,6 +209,7 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
                         kind: kind.clone(),
                         snapshots: Vec::new(),
                         props: p.user.clone(),
+                        held: Default::default(),
                     },
                 );
             }
@@ -213,8 +219,11 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
             tree.skipped.push((name.to_string(), e.to_string()));
         }
     }
-    for (ds, snap) in snaps {
+    for (ds, snap, held) in snaps {
         if let Some(d) = tree.datasets.get_mut(&ds) {
+            if held {
+                d.held.insert(snap.name.to_string());
+            }
             d.snapshots.push(snap);
         }
     }

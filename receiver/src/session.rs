@@ -667,15 +667,20 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// A dataset zfsync created is set `canmount=noauto`: a replica is
     /// never mounted by a rename, a `zfs mount -a` or a reboot (it would
     /// shadow the receiving host's own paths); `zfs mount` still mounts it.
-    /// It is also marked `zfsync:replica=yes`, which `--delete-missing`
-    /// requires before it destroys anything.
+    /// It is also marked `zfsync:replica=<its own GUID>`, which
+    /// `--delete-missing` requires before it destroys anything (the GUID,
+    /// because user properties are inherited: a child someone else made
+    /// under a replica inherits the mark, but not the GUID).
     async fn never_automount(&self, ds: &DatasetName) {
         let zfs = &self.target.zfs;
         if let Err(e) = zfs.set(ds, "canmount", "noauto").await {
             tracing::warn!(%ds, "cannot set canmount=noauto: {e}");
         }
-        match zfs.set(ds, REPLICA_PROP, "yes").await {
-            Ok(()) => self.target.mark_replica(ds),
+        let Some(guid) = self.target.get(ds).map(|d| d.guid.to_string()) else {
+            return;
+        };
+        match zfs.set(ds, REPLICA_PROP, &guid).await {
+            Ok(()) => self.target.mark_replica(ds, &guid),
             Err(e) => tracing::warn!(%ds, "cannot set {REPLICA_PROP}: {e}"),
         }
     }
@@ -979,7 +984,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 
     /// Fills in the replicas whose source is gone and, with `delete`,
     /// destroys them: only whole subtrees that zfsync created
-    /// (`zfsync:replica=yes`) and that are all orphaned.
+    /// (`zfsync:replica` = their GUID) and that are all orphaned.
     async fn orphans(&self, source_paths: &[String], delete: bool, report: &mut Message) {
         let Message::CleanReport {
             orphans, deleted, ..

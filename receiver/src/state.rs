@@ -131,9 +131,9 @@ impl Target {
             .collect()
     }
 
-    pub fn mark_replica(&self, ds: &DatasetName) {
+    pub fn mark_replica(&self, ds: &DatasetName, guid: &str) {
         if let Some(d) = lock(&self.cache).get_mut(ds) {
-            d.props.insert(REPLICA_PROP.to_string(), "yes".to_string());
+            d.props.insert(REPLICA_PROP.to_string(), guid.to_string());
         }
     }
 
@@ -142,7 +142,11 @@ impl Target {
         lock(&self.cache)
             .iter()
             .filter(|(k, _)| *k == ds || k.relative_to(ds).is_some())
-            .all(|(_, d)| d.props.get(REPLICA_PROP).is_some_and(|v| v == "yes"))
+            .all(|(_, d)| {
+                d.props
+                    .get(REPLICA_PROP)
+                    .is_some_and(|v| *v == d.guid.to_string())
+            })
     }
 
     /// Datasets in place under the target whose relative path is not in
@@ -284,6 +288,7 @@ mod tests {
             kind: "filesystem".into(),
             snapshots: Vec::new(),
             props: Default::default(),
+            held: Default::default(),
         }
     }
 

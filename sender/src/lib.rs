@@ -176,7 +176,7 @@ pub async fn run(opts: Options) -> Result<Report, SendError> {
         report.snapshot = Some(snap.to_string());
     }
     let prop = retention::confirm_prop(&opts.receiver_id);
-    let (jobs, mut outcomes) = list_jobs(&opts.zfs, &opts.source, &[&prop]).await?;
+    let (jobs, mut outcomes) = list_jobs(&opts.zfs, &opts.source, &[&prop, "userrefs"]).await?;
     tracing::info!(datasets = jobs.len(), source = %opts.source, "listed the source tree");
     let datasets: Vec<Dataset> = jobs.iter().map(|j| j.dataset.clone()).collect();
     let source_paths: Vec<String> = jobs.iter().map(|j| j.rel.as_str().to_string()).collect();

@@ -49,6 +49,8 @@ pub struct Retention {
     pub pruned: Vec<String>,
     /// Kept against the count: the last snapshot the receiver confirmed.
     pub held_back: Vec<String>,
+    /// Kept against the count: someone holds it (`zfs hold`).
+    pub held: Vec<String>,
     /// Datasets whose confirmation moved in this run.
     pub confirmed: usize,
     pub errors: Vec<String>,
@@ -86,6 +88,8 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
         .filter_map(|d| d.props.get(&prop).map(|v| (d.name.clone(), v.clone())))
         .collect();
 
+    // Our own holds released in this run: no longer a reason to keep.
+    let mut unheld: BTreeMap<DatasetName, String> = BTreeMap::new();
     // 1. Confirmations: one `zfs set` per snapshot name (a recursive
     // snapshot gives the whole tree one name), only where it moved.
     if !opts.dry_run {
@@ -104,6 +108,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             if let Some(old) = old {
                 if d.snapshots.iter().any(|s| s.name.as_str() == old) {
                     released.extend(snap(&d.name, &old));
+                    unheld.insert(d.name.clone(), old);
                 }
             }
             moved.entry(newest).or_default().push(d.name.clone());
@@ -127,6 +132,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
         }
         if let Err(e) = zfs.hold(true, &tag, &released).await {
             tracing::debug!("releasing earlier holds: {e}");
+            unheld.clear();
         }
     }
 
@@ -136,15 +142,22 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
     };
     let mut doomed: BTreeMap<String, Vec<DatasetName>> = BTreeMap::new();
     for d in datasets {
+        let mut held = d.held.clone();
+        if let Some(old) = unheld.get(&d.name) {
+            held.remove(old);
+        }
         let plan = prune(
             &d.snapshots,
             *class,
             keep,
             confirmed.get(&d.name).map(String::as_str),
+            &held,
         );
         if let Some(h) = plan.held_back {
             r.held_back.push(format!("{}@{h}", d.name));
         }
+        r.held
+            .extend(plan.held.iter().map(|h| format!("{}@{h}", d.name)));
         for n in plan.destroy {
             doomed
                 .entry(n.to_string())
@@ -173,6 +186,8 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             match zfs.destroy_snapshot(&s, recursive).await {
                 Ok(()) if recursive => r.pruned.extend(dss.iter().map(|d| format!("{d}@{name}"))),
                 Ok(()) => r.pruned.push(s.to_string()),
+                // Still held by someone else (another receiver's base).
+                Err(e) if e.is_busy() => r.held.push(s.to_string()),
                 Err(e) => r.errors.push(format!("pruning {s}: {e}")),
             }
         }

@@ -225,6 +225,13 @@ pub fn render_after(
             );
         }
     }
+    if !r.held.is_empty() {
+        let _ = writeln!(
+            out,
+            "retention skipped held snapshots (zfs hold: another receiver's base, or a person's): {}",
+            listed(&r.held)
+        );
+    }
     for e in &r.errors {
         let _ = writeln!(out, "retention error: {e}");
     }

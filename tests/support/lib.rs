@@ -262,8 +262,14 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start(target: &str, tls: &[String], extra: &[&str]) -> Receiver {
+        Receiver::start_on(target, tls, extra, 0)
+    }
+
+    /// On a given port (0: any free one).
+    pub fn start_on(target: &str, tls: &[String], extra: &[&str], port: u16) -> Receiver {
+        let port = port.to_string();
         let mut child = Command::new(bin("zfsync-recv"))
-            .args(["-p", "0", "-l", "127.0.0.1"])
+            .args(["-p", &port, "-l", "127.0.0.1"])
             .args(tls)
             .args(extra)
             .arg(target)
