@@ -1002,9 +1002,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             .iter()
             .map(|(rel, _)| rel.as_str().to_string())
             .collect();
-        if !delete {
+        if !delete || found.is_empty() {
             return;
         }
+        tracing::warn!(peer = %self.peer, orphans = ?orphans, "--delete-missing: destroying the orphaned replicas zfsync created among these");
         for (rel, ds) in &found {
             // Only the top of an orphaned subtree; -r takes the rest.
             if rel
