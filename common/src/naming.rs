@@ -131,6 +131,11 @@ impl DatasetName {
         Ok(DatasetName(joined))
     }
 
+    /// The last component: `b` of `pool/a/b`.
+    pub fn leaf(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
     /// Appends one already validated component.
     pub fn child(&self, component: &str) -> Result<DatasetName, NameError> {
         DatasetName::new(&format!("{}/{}", self.0, component))

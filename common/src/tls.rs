@@ -93,6 +93,14 @@ pub struct TlsFiles<'a> {
     pub key: &'a Path,
 }
 
+fn mismatch(files: &TlsFiles<'_>, e: rustls::Error) -> TlsError {
+    TlsError::Config(format!(
+        "certificate {} and key {} do not fit together: {e}",
+        files.cert.display(),
+        files.key.display()
+    ))
+}
+
 pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, TlsError> {
     let p = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(files.ca)?, p.clone())
@@ -105,13 +113,7 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, TlsError
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            TlsError::Config(format!(
-                "certificate {} and key {} do not fit together: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .map_err(|e| mismatch(files, e))?;
     Ok(Arc::new(cfg))
 }
 
@@ -127,13 +129,7 @@ pub fn client_config(files: &TlsFiles<'_>) -> Result<Arc<ClientConfig>, TlsError
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(certs, key)
-        .map_err(|e| {
-            TlsError::Config(format!(
-                "certificate {} and key {} do not fit together: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .map_err(|e| mismatch(files, e))?;
     Ok(Arc::new(cfg))
 }
 

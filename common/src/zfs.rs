@@ -396,18 +396,19 @@ impl Zfs {
         c
     }
 
-    /// Runs to completion; returns stdout, or the classified failure.
-    async fn run(&self, args: &[OsString]) -> Result<String, ZfsError> {
+    /// Runs to completion; returns the shown argv and the output.
+    async fn output(&self, args: &[OsString]) -> Result<(String, std::process::Output), ZfsError> {
         let argv = self.show(args);
         tracing::debug!(%argv, "running");
-        let out = self
-            .command(args)
-            .output()
-            .await
-            .map_err(|source| ZfsError::Spawn {
-                argv: argv.clone(),
-                source,
-            })?;
+        match self.command(args).output().await {
+            Ok(out) => Ok((argv, out)),
+            Err(source) => Err(ZfsError::Spawn { argv, source }),
+        }
+    }
+
+    /// Runs to completion; returns stdout, or the classified failure.
+    async fn run(&self, args: &[OsString]) -> Result<String, ZfsError> {
+        let (argv, out) = self.output(args).await?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -449,16 +450,7 @@ impl Zfs {
         user_props: &[&str],
     ) -> Result<Tree, ZfsError> {
         let args = list_argv(roots, depth, user_props);
-        let argv = self.show(&args);
-        tracing::debug!(%argv, "listing");
-        let out = self
-            .command(&args)
-            .output()
-            .await
-            .map_err(|source| ZfsError::Spawn {
-                argv: argv.clone(),
-                source,
-            })?;
+        let (argv, out) = self.output(&args).await?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             // Missing roots are fine; anything else is an error.
@@ -506,6 +498,11 @@ impl Zfs {
     pub async fn destroy_empty(&self, ds: &DatasetName) -> Result<(), ZfsError> {
         let args = destroy_argv(ds, false);
         self.retry_busy(&args, Some(ds)).await
+    }
+
+    /// `zfs unmount ds`.
+    pub async fn unmount(&self, ds: &DatasetName) -> Result<(), ZfsError> {
+        self.run(&os(&["unmount", ds.as_str()])).await.map(drop)
     }
 
     pub async fn rollback(&self, snap: &SnapshotName) -> Result<(), ZfsError> {
