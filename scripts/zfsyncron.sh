@@ -11,7 +11,12 @@
 #              30 and 45, S at every other minute. Run it from cron every minute
 #              (or every 15 minutes, or hourly: the classes follow).
 # -p -t -o     as for zfsync-send (port, worker connections, log file)
-# TLS options  passed to zfsync-send as they are
+# TLS options  passed to zfsync-send as they are, and so are -v, --zfs,
+#              --timeout, --full, --dry-run and --delete-missing
+#
+# One lock per source: two cron lines for two receivers of one source must not
+# start at the same minute (the second would exit 75); run them one after the
+# other on one line instead: `zfsyncron.sh ... A; zfsyncron.sh -c S ... B`.
 #
 # All the work is zfsync-send's: `--snapshot CLASS` takes one recursive snapshot
 # SOURCE@<yymmdd-HHMMSS>_<CLASS>, the run sends it, and `--keep N` prunes that
@@ -29,20 +34,28 @@ usage() {
     exit 2
 }
 
+die() {
+    echo "zfsyncron: $*" >&2
+    exit 2
+}
+
 keep_S=1 keep_M=4 keep_H=3 keep_D=2
 class=""
 pass=()
 while [ $# -gt 0 ]; do
     case "$1" in
-    -s) keep_S=${2:?-s needs a number}; shift 2 ;;
-    -m) keep_M=${2:?-m needs a number}; shift 2 ;;
-    -h) keep_H=${2:?-h needs a number}; shift 2 ;;
-    -d) keep_D=${2:?-d needs a number}; shift 2 ;;
-    -c) class=${2:?-c needs S, M, H or D}; shift 2 ;;
-    -p | -t | -o | --ca | --cert | --key | --server-name | --zfs)
-        [ $# -ge 2 ] || usage
+    -s | -m | -h | -d | -c | -p | -t | -o | --ca | --cert | --key | --server-name | --zfs | --timeout)
+        if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value"; fi ;;
+    esac
+    case "$1" in
+    -s) keep_S=$2; shift 2 ;;
+    -m) keep_M=$2; shift 2 ;;
+    -h) keep_H=$2; shift 2 ;;
+    -d) keep_D=$2; shift 2 ;;
+    -c) class=$2; shift 2 ;;
+    -p | -t | -o | --ca | --cert | --key | --server-name | --zfs | --timeout)
         pass+=("$1" "$2"); shift 2 ;;
-    -v | -vv | -vvv) pass+=("$1"); shift ;;
+    -v | -vv | -vvv | --full | --dry-run | --delete-missing) pass+=("$1"); shift ;;
     --help) usage ;;
     -*) echo "zfsyncron: unknown option $1" >&2; usage ;;
     *) break ;;
@@ -53,8 +66,9 @@ source_ds=$1
 receiver=$2
 
 for n in "$keep_S" "$keep_M" "$keep_H" "$keep_D"; do
-    [[ $n =~ ^[0-9]+$ ]] || { echo "zfsyncron: keep counts are whole numbers (got $n)" >&2; exit 2; }
+    [[ $n =~ ^[1-9][0-9]*$ ]] || die "keep counts are whole numbers of at least 1 (got $n)"
 done
+command -v flock >/dev/null 2>&1 || die "flock(1) is not installed (Debian: util-linux; FreeBSD: pkg install flock)"
 if [ -z "$class" ]; then
     hm=$(date +%H%M)
     case "$hm" in
@@ -67,13 +81,14 @@ fi
 class=$(printf '%s' "$class" | tr '[:lower:]' '[:upper:]')
 case "$class" in
 S) keep=$keep_S ;; M) keep=$keep_M ;; H) keep=$keep_H ;; D) keep=$keep_D ;;
-*) echo "zfsyncron: -c takes S, M, H or D (got $class)" >&2; exit 2 ;;
+*) die "-c takes S, M, H or D (got $class)" ;;
 esac
 
 lockdir=${ZFSYNC_LOCKDIR:-/run/lock}
 [ -d "$lockdir" ] && [ -w "$lockdir" ] || lockdir=/tmp
-lock="$lockdir/zfsyncron-$(printf '%s' "$source_ds" | tr '/' '_').lock"
-exec 9>>"$lock"
+# Hex of the name: distinct sources never share a lock file.
+lock="$lockdir/zfsyncron-$(printf '%s' "$source_ds" | od -An -tx1 | tr -d ' \n').lock"
+exec 9>>"$lock" || die "cannot open the lock file $lock"
 if ! flock -n 9; then
     echo "zfsyncron: another run for $source_ds is still active (lock $lock); this one exits" >&2
     exit 75

@@ -325,8 +325,8 @@ fn dry_run_changes_nothing_and_says_what_it_would_do() {
         .assert_stdout_has("DRY RUN")
         .assert_stdout_has("would send incremental @")
         .assert_stdout_has("would send full ..@manual")
-        .assert_stdout_has("would prune 3 snapshot(s)")
-        .assert_stdout_has("orphaned on the receiver (source gone): /gone");
+        .assert_stdout_has("would prune 6 snapshot(s)")
+        .assert_stdout_has("orphaned on the receiver (source gone, or made there by hand): /gone");
     assert_eq!(full_state(&a.name), before_a, "the source changed");
     assert_eq!(full_state(&b.name), before_b, "the receiver changed");
 }
@@ -351,9 +351,42 @@ fn orphans_are_reported_and_deleted_only_on_request_and_only_replicas() {
 
     send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"])
         .assert_code(0)
-        .assert_stdout_has("orphaned on the receiver (source gone): /gone, /handmade, /gone/kid")
+        .assert_stdout_has("orphaned on the receiver (source gone, or made there by hand): /gone, /handmade, /gone/kid")
         .assert_stdout_has("--delete-missing destroys those zfsync created");
     assert!(exists(&format!("{dst}/gone/kid")));
+
+    // A sender whose list lacks its top dataset (wrong or hostile) gets no
+    // judgement at all: otherwise the whole replica would look orphaned.
+    let before = pool_state(&b.name);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let opts = zfsync_common::client::ClientOptions {
+            host: "127.0.0.1".into(),
+            port: recv.port,
+            server_name: "localhost".into(),
+            tls: zfsync_common::tls::client_config(&zfsync_common::tls::TlsFiles {
+                ca: &certs.dir.join("ca.pem"),
+                cert: &certs.dir.join("sender.pem"),
+                key: &certs.dir.join("sender.key"),
+            })
+            .unwrap(),
+            run_id: "no-top".into(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        };
+        let mut c = zfsync_common::client::Client::connect(&opts).await.unwrap();
+        let r = c
+            .clean_buffer(vec!["/a".into()], true, false)
+            .await
+            .unwrap();
+        c.bye().await;
+        r
+    });
+    assert!(
+        report.orphans.is_empty() && report.deleted.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(pool_state(&b.name), before);
 
     send(
         &certs.sender_args(),

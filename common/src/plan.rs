@@ -196,10 +196,18 @@ pub struct Prune {
     /// Would have been destroyed, but someone holds it (`zfs hold`: another
     /// receiver's base, or a person).
     pub held: Vec<SnapName>,
+    /// Would have been destroyed, but it is newer than the confirmed base
+    /// (or, with no confirmation, the newest snapshot): the receiver may
+    /// have it already, from a run whose confirmation got lost.
+    pub unconfirmed: Vec<SnapName>,
 }
 
 /// Keeps the newest `keep` tool snapshots of `class` (a person's snapshots
-/// and other classes are never touched) and never the confirmed base.
+/// and other classes are never touched), never the confirmed base and never
+/// anything newer than it: a stream cut part-way keeps the snapshots that
+/// arrived whole, so the receiver's newest may be newer than the confirmed
+/// one, and it must stay on the sender as the next base. Without any
+/// confirmation the dataset's newest snapshot stays.
 pub fn prune(
     snapshots: &[Snapshot],
     class: SnapClass,
@@ -212,10 +220,18 @@ pub fn prune(
         .filter(|s| tool_class(s.name.as_str()) == Some(class))
         .collect();
     let surplus = ours.len().saturating_sub(keep);
+    let base = confirmed.and_then(|c| snapshots.iter().find(|s| s.name.as_str() == c));
+    let newest = snapshots.last().map(|s| s.guid);
     let mut out = Prune::default();
     for s in &ours[..surplus] {
+        let too_new = match base {
+            Some(b) => s.createtxg > b.createtxg,
+            None => Some(s.guid) == newest,
+        };
         if Some(s.name.as_str()) == confirmed {
             out.held_back = Some(s.name.clone());
+        } else if too_new {
+            out.unconfirmed.push(s.name.clone());
         } else if held.contains(s.name.as_str()) {
             out.held.push(s.name.clone());
         } else {
@@ -467,9 +483,16 @@ mod tests {
         assert_eq!(names(&p.destroy), ["261101-000000_D", "261102-000000_D"]);
         assert_eq!(p.held_back, None);
         // The confirmed base survives even a keep of 1.
+        // Nothing newer than the confirmed base goes, whatever the count:
+        // the receiver may have it from a run that was cut.
         let p = prune(&snaps, SnapClass::D, 1, Some("261102-000000_D"), &none);
-        assert_eq!(names(&p.destroy), ["261101-000000_D", "261103-000000_D"]);
+        assert_eq!(names(&p.destroy), ["261101-000000_D"]);
         assert_eq!(p.held_back.unwrap().as_str(), "261102-000000_D");
+        assert_eq!(names(&p.unconfirmed), ["261103-000000_D"]);
+        // Without a confirmation the newest stays.
+        let p = prune(&snaps, SnapClass::D, 0, None, &none);
+        assert_eq!(names(&p.unconfirmed), ["261104-000000_D"]);
+        assert_eq!(p.destroy.len(), 3);
         // Other classes and a person's snapshots are never touched.
         let p = prune(&snaps, SnapClass::H, 0, None, &none);
         assert_eq!(names(&p.destroy), ["261102-010000_H"]);

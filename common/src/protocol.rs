@@ -39,7 +39,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use crate::naming::{NameError, SnapName};
 use crate::zfs::Snapshot;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted: 16 MiB (a sync request for a dataset with about
 /// 100 000 snapshots). Larger lengths are refused before any allocation.
 pub const MAX_FRAME: usize = 16 << 20;

@@ -153,9 +153,10 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
             reason: reason.to_string(),
         };
         let mut f = line.split('\t');
-        let (Some(name), Some(prop), Some(value), None) = (f.next(), f.next(), f.next(), f.next())
+        let (Some(name), Some(prop), Some(value), source, None) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
         else {
-            return Err(bad("expected three tab-separated fields"));
+            return Err(bad("expected three or four tab-separated fields"));
         };
         let p = props.entry(name).or_default();
         match prop {
@@ -169,9 +170,11 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
             }
             "type" => p.kind = Some(value.to_string()),
             "userrefs" => p.held = value.parse::<u64>().is_ok_and(|n| n > 0),
-            // A user property; "-" means not set.
+            // A user property; "-" means not set. Only a value set on the
+            // dataset itself counts: user properties are inherited, and a
+            // child must not take its parent's confirmation for its own.
             user if user.contains(':') => {
-                if value != "-" {
+                if value != "-" && source.is_none_or(|s| s == "local") {
                     p.user.insert(user.to_string(), value.to_string());
                 }
             }
@@ -250,7 +253,7 @@ pub fn list_argv(roots: &[&DatasetName], depth: Option<u32>, user_props: &[&str]
         props.push(',');
         props.push_str(p);
     }
-    v.extend(os(&["-o", "name,property,value", &props]));
+    v.extend(os(&["-o", "name,property,value,source", &props]));
     v.extend(roots.iter().map(|r| OsString::from(r.as_str())));
     v
 }
@@ -684,11 +687,32 @@ ptest1/a\x01b\ttype\tfilesystem
     }
 
     #[test]
+    fn inherited_user_properties_do_not_count() {
+        let out = "p/a\tguid\t1\t-
+p/a\tcreatetxg\t1\t-
+p/a\ttype\tfilesystem\t-
+p/a\tzfsync:synced_h\ts1\tlocal
+p/a/b\tguid\t2\t-
+p/a/b\tcreatetxg\t2\t-
+p/a/b\ttype\tfilesystem\t-
+p/a/b\tzfsync:synced_h\ts1\tinherited from p/a
+p/a/b@s1\tguid\t3\t-
+p/a/b@s1\tcreatetxg\t3\t-
+p/a/b@s1\ttype\tsnapshot\t-
+p/a/b@s1\tuserrefs\t1\t-
+";
+        let t = parse_get(out).unwrap();
+        assert_eq!(t.datasets[&ds("p/a")].props["zfsync:synced_h"], "s1");
+        assert!(t.datasets[&ds("p/a/b")].props.is_empty());
+        assert!(t.datasets[&ds("p/a/b")].held.contains("s1"));
+    }
+
+    #[test]
     fn rejects_garbage() {
         for bad in [
             "p\tguid\tx\n",
             "p\tguid\n",
-            "p\tguid\t1\textra\n",
+            "p\tguid\t1\t-\textra\n",
             "p\tfoo\t1\n",
             "p\tguid\t1\n",
         ] {
@@ -722,7 +746,7 @@ ptest1/a\x01b\ttype\tfilesystem
                 "-p",
                 "-r",
                 "-o",
-                "name,property,value",
+                "name,property,value,source",
                 "guid,createtxg,type",
                 "p",
                 "q"

@@ -288,13 +288,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         if snaps.is_empty() {
             return refused(format!("{rel} has no snapshots to send"));
         }
-        let Some(lock) = self.target.try_lock(&rel) else {
-            return Message::Refused {
-                reason: format!(
-                    "{rel} is busy: another connection is receiving into it; try again later"
-                ),
-                temporary: true,
+        // A dry run takes no lock: it must not make a real run see "busy".
+        let lock = if dry_run {
+            None
+        } else {
+            let Some(lock) = self.target.try_lock(&rel) else {
+                return Message::Refused {
+                    reason: format!(
+                        "{rel} is busy: another connection is receiving into it; try again later"
+                    ),
+                    temporary: true,
+                };
             };
+            Some(lock)
         };
         let location = match self.target.locate(&rel) {
             Ok(l) => l,
@@ -341,6 +347,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 },
             };
         }
+        let Some(lock) = lock else {
+            return refused("internal error: no lock");
+        };
         let open = |dest: DatasetName, buffered: bool, mode: Mode| Open {
             rel: rel.clone(),
             _lock: lock,
@@ -992,8 +1001,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         };
         let source: std::collections::HashSet<&str> =
             source_paths.iter().map(String::as_str).collect();
-        if source.is_empty() {
-            return; // never judge against an empty list
+        // An honest sender always lists its top dataset: without it the
+        // list is wrong, and the whole replica would look orphaned.
+        if !source.contains("") {
+            tracing::warn!(peer = %self.peer, "cleanbuffer without the top dataset in the source list: no orphans judged");
+            return;
         }
         let found = self.target.orphans(&source);
         *orphans = found
@@ -1012,13 +1024,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             {
                 continue;
             }
+            let Some(_lock) = self.target.try_lock(rel) else {
+                continue;
+            };
+            // Judge on a fresh listing: a dataset may have appeared below
+            // since this run's listing, and destroy -r would take it.
+            if let Err(e) = self.target.relist().await {
+                tracing::warn!(%ds, "cannot list before deleting: {e}");
+                return;
+            }
             if !self.target.all_replicas(ds) {
                 tracing::warn!(%ds, "orphaned, but not created by zfsync (or holds such a dataset): left alone");
                 continue;
             }
-            let Some(_lock) = self.target.try_lock(rel) else {
-                continue;
-            };
             match self.target.zfs.destroy_recursive(ds).await {
                 Ok(()) => {
                     tracing::warn!(peer = %self.peer, %ds, "destroyed an orphaned replica (--delete-missing)");

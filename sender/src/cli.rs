@@ -60,8 +60,9 @@ pub struct Args {
     /// After the run, keep only the newest N tool snapshots of the
     /// --snapshot class (never a person's snapshot, never the last one the
     /// receiver confirmed).
-    #[arg(long, value_name = "N", requires = "snapshot")]
-    pub keep: Option<usize>,
+    #[arg(long, value_name = "N", requires = "snapshot",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
     /// Print what would be sent, placed, pruned and deleted; change nothing
     /// on either side.
     #[arg(long)]
@@ -169,7 +170,7 @@ async fn run(args: Args) -> u8 {
         threads: args.threads.max(1),
         allow_full: args.full,
         snapshot,
-        keep: args.keep,
+        keep: args.keep.map(|k| k as usize),
         dry_run: args.dry_run,
         delete_missing: args.delete_missing,
         receiver_id: crate::retention::receiver_id(&args.receiver, args.port),

@@ -87,13 +87,14 @@ pub struct Report {
     pub mirrored: usize,
     /// Set when the receiver could not be reached at all.
     pub unreachable: Option<String>,
+    pub delete: summary::Delete,
 }
 
 impl Report {
     pub fn exit_code(&self) -> u8 {
         if self.unreachable.is_some() {
             exit::UNREACHABLE
-        } else if self.outcomes.iter().any(Outcome::failed) {
+        } else if self.outcomes.iter().any(Outcome::failed) || !self.retention.errors.is_empty() {
             exit::FAILED
         } else {
             exit::OK
@@ -157,23 +158,7 @@ pub async fn run(opts: Options) -> Result<Report, SendError> {
         ..Report::default()
     };
     if let (Some((class, stamp)), false) = (&opts.snapshot, opts.dry_run) {
-        let snap = tool_snapshot(stamp, *class)
-            .and_then(|n| opts.source.snapshot(&n))
-            .map_err(|e| {
-                SendError::Snapshot(
-                    stamp.clone(),
-                    ZfsError::Parse {
-                        line: stamp.clone(),
-                        reason: e.to_string(),
-                    },
-                )
-            })?;
-        opts.zfs
-            .snapshot_recursive(&snap)
-            .await
-            .map_err(|e| SendError::Snapshot(snap.to_string(), e))?;
-        tracing::info!(%snap, "snapshot taken");
-        report.snapshot = Some(snap.to_string());
+        report.snapshot = Some(take_snapshot(&opts, *class, stamp).await?);
     }
     let prop = retention::confirm_prop(&opts.receiver_id);
     let (jobs, mut outcomes) = list_jobs(&opts.zfs, &opts.source, &[&prop, "userrefs"]).await?;
@@ -224,6 +209,11 @@ pub async fn run(opts: Options) -> Result<Report, SendError> {
     if opts.delete_missing && !delete {
         tracing::warn!("--delete-missing skipped: some datasets failed in this run");
     }
+    report.delete = match (opts.delete_missing, delete) {
+        (false, _) => summary::Delete::NotAsked,
+        (true, false) => summary::Delete::Skipped,
+        (true, true) => summary::Delete::Done,
+    };
     report.clean = clean_buffer(&opts, &mut done, source_paths, delete).await;
     outcomes.extend(done);
     outcomes.sort_by(|a, b| a.dataset.cmp(&b.dataset));
@@ -238,6 +228,39 @@ pub async fn run(opts: Options) -> Result<Report, SendError> {
     report.outcomes = outcomes;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Takes `SOURCE@<stamp>_<class>`. Should the name exist (two runs in one
+/// second, or the hour that repeats when clocks go back), it waits for the
+/// next second and takes a fresh stamp, a few times.
+async fn take_snapshot(opts: &Options, class: SnapClass, stamp: &str) -> Result<String, SendError> {
+    let mut stamp = stamp.to_string();
+    let mut tries = 0;
+    loop {
+        let snap = tool_snapshot(&stamp, class)
+            .and_then(|n| opts.source.snapshot(&n))
+            .map_err(|e| {
+                SendError::Snapshot(
+                    stamp.clone(),
+                    ZfsError::Parse {
+                        line: stamp.clone(),
+                        reason: e.to_string(),
+                    },
+                )
+            })?;
+        match opts.zfs.snapshot_recursive(&snap).await {
+            Ok(()) => {
+                tracing::info!(%snap, "snapshot taken");
+                return Ok(snap.to_string());
+            }
+            Err(e) if tries < 3 && e.to_string().contains("already exists") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                stamp = chrono::Local::now().format("%y%m%d-%H%M%S").to_string();
+            }
+            Err(e) => return Err(SendError::Snapshot(snap.to_string(), e)),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -621,11 +644,13 @@ pub fn summary(opts_source: &DatasetName, receiver: &str, report: &Report) -> St
         report.mirrored,
         &report.clean,
         report.dry_run,
+        report.delete,
     ));
-    if let Some(e) = &report.unreachable {
-        s.push_str(&format!(
-            "result: receiver unreachable, nothing sent: {e}\n"
-        ));
-    }
+    s.push_str(&summary::result_line(
+        &report.outcomes,
+        report.dry_run,
+        report.unreachable.as_deref(),
+        report.retention.errors.len(),
+    ));
     s
 }

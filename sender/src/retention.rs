@@ -51,9 +51,16 @@ pub struct Retention {
     pub held_back: Vec<String>,
     /// Kept against the count: someone holds it (`zfs hold`).
     pub held: Vec<String>,
+    /// Kept against the count: newer than the last confirmed snapshot (the
+    /// receiver may have it from a run that was cut); pruned once confirmed.
+    pub unconfirmed: Vec<String>,
     /// Datasets whose confirmation moved in this run.
     pub confirmed: usize,
+    /// Confirmations or pruning that failed: the run exits 1.
     pub errors: Vec<String>,
+    /// Holds that could not be placed or released (zfs without holds, or
+    /// no permission): the base is then protected by the property alone.
+    pub warnings: Vec<String>,
 }
 
 fn in_sync(o: &Outcome) -> bool {
@@ -121,17 +128,22 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
                         confirmed.insert(d.clone(), name.clone());
                     }
                 }
-                Err(e) => r
-                    .errors
-                    .push(format!("recording the confirmation @{name}: {e}")),
+                Err(e) => {
+                    r.errors
+                        .push(format!("recording the confirmation @{name}: {e}"));
+                    continue;
+                }
             }
             let held: Vec<_> = dss.iter().filter_map(|d| snap(d, name)).collect();
             if let Err(e) = zfs.hold(false, &tag, &held).await {
-                tracing::debug!("no hold on @{name} (this zfs may have no holds): {e}");
+                r.warnings
+                    .push(format!("cannot hold @{name} (tag {tag}): {e}"));
             }
         }
         if let Err(e) = zfs.hold(true, &tag, &released).await {
-            tracing::debug!("releasing earlier holds: {e}");
+            r.warnings.push(format!(
+                "cannot release the previous holds (tag {tag}): {e}"
+            ));
             unheld.clear();
         }
     }
@@ -139,6 +151,38 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
     // 2. Pruning of the run's class.
     let (Some((class, _)), Some(keep)) = (&opts.snapshot, opts.keep) else {
         return r;
+    };
+    // A dry run takes no snapshot: reckon with the one a real run would
+    // take, and with its confirmation, as if the run succeeded.
+    let simulated: Vec<Dataset>;
+    let datasets = if opts.dry_run {
+        let stamp = opts
+            .snapshot
+            .as_ref()
+            .map(|(_, s)| s.as_str())
+            .unwrap_or("");
+        let name = zfsync_common::naming::tool_snapshot(stamp, *class).ok();
+        simulated = datasets
+            .iter()
+            .map(|d| {
+                let mut d = d.clone();
+                if let (Some(name), Some(last)) = (name.clone(), d.snapshots.last().cloned()) {
+                    // ...and with our hold moving off the old base.
+                    if let Some(old) = confirmed.insert(d.name.clone(), name.to_string()) {
+                        unheld.insert(d.name.clone(), old);
+                    }
+                    d.snapshots.push(zfsync_common::zfs::Snapshot {
+                        name,
+                        guid: 0,
+                        createtxg: last.createtxg + 1,
+                    });
+                }
+                d
+            })
+            .collect();
+        &simulated[..]
+    } else {
+        datasets
     };
     let mut doomed: BTreeMap<String, Vec<DatasetName>> = BTreeMap::new();
     for d in datasets {
@@ -158,6 +202,8 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
         }
         r.held
             .extend(plan.held.iter().map(|h| format!("{}@{h}", d.name)));
+        r.unconfirmed
+            .extend(plan.unconfirmed.iter().map(|h| format!("{}@{h}", d.name)));
         for n in plan.destroy {
             doomed
                 .entry(n.to_string())

@@ -153,6 +153,7 @@ pub fn render(
     let sent = count(|s| matches!(s, Status::Sent { .. }));
     let failed = count(|s| matches!(s, Status::Failed { .. }));
     let nosnap = count(|s| matches!(s, Status::NoSnapshots));
+    let planned = count(|s| matches!(s, Status::Planned { .. }));
     let (snaps, bytes) = outcomes
         .iter()
         .fold((0usize, 0u64), |(n, b), o| match &o.status {
@@ -165,6 +166,9 @@ pub fn render(
         "datasets: {} ({up} up to date, {sent} sent, {failed} failed",
         outcomes.len()
     );
+    if planned > 0 {
+        let _ = write!(totals, ", {planned} would change");
+    }
     if nosnap > 0 {
         let _ = write!(totals, ", {nosnap} without snapshots");
     }
@@ -173,12 +177,36 @@ pub fn render(
         "{totals}); snapshots sent: {snaps}; bytes sent: {}",
         human_bytes(bytes)
     );
-    if failed > 0 {
-        let _ = writeln!(out, "result: {failed} dataset(s) FAILED (see above)");
-    } else {
-        let _ = writeln!(out, "result: all datasets in sync");
-    }
     out
+}
+
+/// The closing `result:` line.
+pub fn result_line(
+    outcomes: &[Outcome],
+    dry_run: bool,
+    unreachable: Option<&str>,
+    retention_errors: usize,
+) -> String {
+    let failed = outcomes.iter().filter(|o| o.failed()).count();
+    if let Some(e) = unreachable {
+        return format!("result: receiver unreachable, nothing sent: {e}\n");
+    }
+    let mut s = if failed > 0 {
+        format!("result: {failed} dataset(s) FAILED (see above)")
+    } else if dry_run {
+        let planned = outcomes
+            .iter()
+            .filter(|o| matches!(o.status, Status::Planned { .. }))
+            .count();
+        format!("result: dry run, nothing changed; {planned} dataset(s) would change")
+    } else {
+        "result: all datasets in sync".to_string()
+    };
+    if retention_errors > 0 {
+        let _ = write!(s, "; {retention_errors} retention error(s) (see above)");
+    }
+    s.push('\n');
+    s
 }
 
 /// Lists at most this many names per line of the closing summary.
@@ -198,11 +226,22 @@ fn listed(names: &[String]) -> String {
 }
 
 /// Retention, mirrored retention and orphans, after the dataset lines.
+/// What became of `--delete-missing`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Delete {
+    #[default]
+    NotAsked,
+    /// Asked for, but a dataset failed: nothing was deleted.
+    Skipped,
+    Done,
+}
+
 pub fn render_after(
     r: &crate::retention::Retention,
     mirrored: usize,
     clean: &zfsync_common::client::CleanReport,
     dry_run: bool,
+    delete: Delete,
 ) -> String {
     let mut out = String::new();
     if let (Some(class), Some(keep)) = (r.class, r.keep) {
@@ -232,6 +271,17 @@ pub fn render_after(
             listed(&r.held)
         );
     }
+    if !r.unconfirmed.is_empty() {
+        let _ = writeln!(
+            out,
+            "retention kept {} snapshot(s) newer than the last one the receiver confirmed (it may have them; they go once confirmed): {}",
+            r.unconfirmed.len(),
+            listed(&r.unconfirmed)
+        );
+    }
+    for w in &r.warnings {
+        let _ = writeln!(out, "retention warning: {w}");
+    }
     for e in &r.errors {
         let _ = writeln!(out, "retention error: {e}");
     }
@@ -244,11 +294,20 @@ pub fn render_after(
     if !clean.orphans.is_empty() {
         let _ = writeln!(
             out,
-            "orphaned on the receiver (source gone): {}",
+            "orphaned on the receiver (source gone, or made there by hand): {}",
             listed(&clean.orphans)
         );
-        if clean.deleted.is_empty() {
-            let _ = writeln!(out, "  (--delete-missing destroys those zfsync created)");
+        match delete {
+            Delete::NotAsked => {
+                let _ = writeln!(out, "  (--delete-missing destroys those zfsync created)");
+            }
+            Delete::Skipped => {
+                let _ = writeln!(
+                    out,
+                    "  --delete-missing skipped: some datasets failed in this run"
+                );
+            }
+            Delete::Done => {}
         }
     }
     if !clean.deleted.is_empty() {
@@ -345,7 +404,10 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("datasets: 5 (1 up to date, 2 sent, 1 failed, 1 without snapshots); snapshots sent: 4"), "{s}");
-        assert!(s.contains("1 dataset(s) FAILED"), "{s}");
+        assert!(
+            result_line(&outcomes, false, None, 0).contains("1 dataset(s) FAILED"),
+            "{s}"
+        );
         let short = render(
             &DatasetName::new("p/a").unwrap(),
             "h",
