@@ -723,3 +723,58 @@ async fn hostile_streams_are_refused_and_no_snapshot_is_lost() {
     .assert_stdout_has("incremental @s2..@s3");
     assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connections_never_receive_into_one_dataset() {
+    let certs = Certs::shared();
+    let b = Pool::new("busy");
+    let recv = Receiver::start(&b.ds("t"), &certs.receiver_args(), &[]);
+    let s = vec![Snapshot {
+        name: SnapName::new("s1").unwrap(),
+        guid: 9,
+        createtxg: 9,
+    }];
+    let x = RelPath::new("/x").unwrap();
+    let mut c1 = Client::connect(&options(certs, recv.port, "busy"))
+        .await
+        .unwrap();
+    let mut c2 = Client::connect(&options(certs, recv.port, "busy"))
+        .await
+        .unwrap();
+    // The target does not exist yet: /x would go to the buffer.
+    assert_eq!(
+        c1.sync(&x, &s, false).await.unwrap(),
+        Message::New { buffered: true }
+    );
+    match c2.sync(&x, &s, false).await.unwrap() {
+        Message::Refused { reason, temporary } => {
+            assert!(temporary && reason.contains("busy"), "{reason}")
+        }
+        other => panic!("a second connection got {other:?}"),
+    }
+    // Once the first lets go, the second may.
+    c1.bye().await;
+    let mut freed = false;
+    for _ in 0..50 {
+        if c2.sync(&x, &s, false).await.unwrap() == (Message::New { buffered: true }) {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        freed,
+        "the dataset stayed locked after the first connection left"
+    );
+}
+
+#[test]
+fn sigint_stops_an_idle_receiver_cleanly() {
+    let b = Pool::new("int");
+    let mut recv = Receiver::start(&b.ds("t"), &Certs::shared().receiver_args(), &[]);
+    let status = recv
+        .signal_and_wait("INT", Duration::from_secs(10))
+        .expect("zfsync-recv exits on SIGINT");
+    assert!(status.success(), "{status:?}\n{}", recv.log());
+    assert!(recv.log().contains("SIGINT received"));
+}

@@ -80,16 +80,31 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 
 /// zfs-fuse can deadlock when two processes create or mount datasets at
 /// the same moment (seen here: two `zfs create` on fresh pools, both stuck
-/// in a FUSE getattr forever). The harness's own mounting calls take turns;
-/// the binaries under test are not affected by this lock.
-static ADMIN: Mutex<()> = Mutex::new(());
+/// in a FUSE getattr forever). The harness's own mounting calls take turns,
+/// across threads and across test processes, with flock(2) on one file; the
+/// binaries under test are not affected by this lock.
+pub struct Turn(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 
-fn admin_lock(args: &[&str]) -> Option<std::sync::MutexGuard<'static, ()>> {
+pub fn turn() -> Turn {
+    let path = std::env::temp_dir().join("zfsync-tests-zfs-admin.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .expect("open the harness lock file");
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive) {
+        Ok(l) => Turn(l),
+        Err((_, e)) => panic!("flock {}: {e}", path.display()),
+    }
+}
+
+fn admin_lock(args: &[&str]) -> Option<Turn> {
     let mounting = matches!(
         args.first().copied(),
         Some("create" | "clone" | "mount" | "unmount" | "destroy" | "rename" | "rollback")
     );
-    mounting.then(|| ADMIN.lock().unwrap_or_else(|p| p.into_inner()))
+    mounting.then(turn)
 }
 
 pub fn zfs(args: &[&str]) -> String {
@@ -158,7 +173,7 @@ impl Pool {
         f.set_len(256 << 20).expect("size pool file");
         drop(f);
         let file_s = file.to_string_lossy().to_string();
-        let _turn = ADMIN.lock().unwrap_or_else(|p| p.into_inner());
+        let _turn = turn();
         run("zpool", &["create", &name, &file_s]);
         Pool { name, file }
     }
@@ -177,7 +192,7 @@ impl Drop for Pool {
     fn drop(&mut self) {
         // zfs-fuse unmounts asynchronously: "pool is busy" for a moment.
         for _ in 0..20 {
-            let _turn = ADMIN.lock().unwrap_or_else(|p| p.into_inner());
+            let _turn = turn();
             let ok = Command::new("zpool")
                 .args(["destroy", "-f", &self.name])
                 .output()
