@@ -778,3 +778,50 @@ fn sigint_stops_an_idle_receiver_cleanly() {
     assert!(status.success(), "{status:?}\n{}", recv.log());
     assert!(recv.log().contains("SIGINT received"));
 }
+
+#[test]
+fn sighup_reloads_the_certificates_and_a_bad_file_keeps_the_old_ones() {
+    let certs = Certs::shared();
+    let a = Pool::new("hup");
+    let b = Pool::new("hup");
+    let src = a.ds("src");
+    zfs(&["create", &src]);
+    zfs(&["snapshot", &format!("{src}@s1")]);
+    // The receiver's own copies of its files, to be replaced in place.
+    let dir = TempDir::new("hupcerts");
+    let mine = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    let install = |from: &Certs| {
+        for n in ["ca.pem", "receiver.pem", "receiver.key"] {
+            std::fs::copy(from.dir.join(n), dir.path().join(n)).unwrap();
+        }
+    };
+    install(certs);
+    let tls = vec![
+        "--ca".to_string(),
+        mine("ca.pem"),
+        "--cert".into(),
+        mine("receiver.pem"),
+        "--key".into(),
+        mine("receiver.key"),
+    ];
+    let recv = Receiver::start(&b.ds("t"), &tls, &[]);
+    let port = recv.port.to_string();
+    send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"]).assert_code(0);
+
+    // A new CA: after SIGHUP only its senders get in.
+    let other_dir = TempDir::new("hupother");
+    let other = Certs::make(other_dir.path(), "zfsync-sender");
+    install(&other);
+    recv.signal("HUP");
+    recv.wait_for_log("certificates reloaded", 1, Duration::from_secs(10));
+    send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"]).assert_code(3);
+    send(&other.sender_args(), &["-p", &port, &src, "127.0.0.1"])
+        .assert_code(0)
+        .assert_stdout_has("up to date");
+
+    // A broken file: the receiver says so and keeps what it has.
+    std::fs::write(dir.path().join("receiver.pem"), b"not a certificate").unwrap();
+    recv.signal("HUP");
+    recv.wait_for_log("keeping the old certificates", 1, Duration::from_secs(10));
+    send(&other.sender_args(), &["-p", &port, &src, "127.0.0.1"]).assert_code(0);
+}

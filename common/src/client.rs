@@ -123,7 +123,7 @@ impl Client {
                 addr: addr.clone(),
                 source,
             })?;
-        let _ = tcp.set_nodelay(true);
+        crate::protocol::keepalive(&tcp);
         let name = ServerName::try_from(opts.server_name.clone())
             .map_err(|_| ClientError::ServerName(opts.server_name.clone()))?;
         let tls = tokio::time::timeout(

@@ -288,6 +288,20 @@ pub fn decode(mut body: Bytes) -> Result<Frame, ProtocolError> {
     }
 }
 
+/// TCP keepalive on a connection: a peer that vanished (power loss, a
+/// dropped route) is noticed within about two minutes even while the other
+/// end is busy (a long `zfs receive` at End, a slow `zfs send`).
+pub fn keepalive(tcp: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    let sock = socket2::SockRef::from(tcp);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        tracing::debug!("cannot set TCP keepalive: {e}");
+    }
+    let _ = tcp.set_nodelay(true);
+}
+
 pub fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(4)

@@ -106,6 +106,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "cannot listen on {addr} (is another zfsync-recv running? choose another port with -p)"
         )
     })?;
+    // SIGHUP reloads the certificate files; a bad file keeps the old ones.
+    let (tls_tx, tls_rx) = tokio::sync::watch::channel(tls);
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (ca, cert, key) = (args.ca.clone(), args.cert.clone(), args.key.clone());
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match server_config(&TlsFiles {
+                ca: &ca,
+                cert: &cert,
+                key: &key,
+            }) {
+                Ok(cfg) => {
+                    let _ = tls_tx.send(cfg);
+                    tracing::info!("SIGHUP: certificates reloaded; running transfers go on");
+                }
+                Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
+            }
+        }
+    });
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let shutdown = async move {
@@ -119,7 +138,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Options {
             target,
             zfs: Zfs::new(&args.zfs),
-            tls,
+            tls: tls_rx,
             allow_clients: args.allow_client,
             mirror_retention: !args.keep_all_snapshots,
             handshake_timeout: Duration::from_secs(10),

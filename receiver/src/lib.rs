@@ -27,7 +27,9 @@ use crate::state::Target;
 pub struct Options {
     pub target: DatasetName,
     pub zfs: Zfs,
-    pub tls: Arc<rustls::ServerConfig>,
+    /// The TLS configuration; a new value (SIGHUP) applies to connections
+    /// accepted from then on, running ones keep theirs.
+    pub tls: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
     pub allow_clients: Vec<String>,
     /// Destroy tool snapshots the sender no longer has (off: keep all).
     pub mirror_retention: bool,
@@ -92,7 +94,6 @@ pub async fn run(
         target: Target::new(opts.target.clone(), opts.zfs.clone(), opts.mirror_retention),
         allow_clients: opts.allow_clients.clone(),
     });
-    let acceptor = TlsAcceptor::from(opts.tls.clone());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     // Sessions are limited after authentication, so that unauthenticated
@@ -120,8 +121,8 @@ pub async fn run(
         };
         let sessions = sessions.clone();
         let max = opts.max_connections;
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        zfsync_common::protocol::keepalive(&tcp);
+        let acceptor = TlsAcceptor::from(opts.tls.borrow().clone());
         let shared = shared.clone();
         let cancel = cancel.child_token();
         let handshake_timeout = opts.handshake_timeout;

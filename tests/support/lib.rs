@@ -348,6 +348,11 @@ impl Receiver {
         self.child.id()
     }
 
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        run("kill", &[&format!("-{sig}"), &self.pid().to_string()]);
+    }
+
     /// Sends a signal and waits for the exit status.
     pub fn signal_and_wait(
         &mut self,
