@@ -335,6 +335,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.framed.get_ref()
     }
 
+    /// The byte stream underneath, for tests that write malformed frames.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.framed.get_mut()
+    }
+
     /// The next frame; `Ok(None)` when the peer closed cleanly between
     /// frames.
     pub async fn read(&mut self) -> Result<Option<Frame>, ProtocolError> {

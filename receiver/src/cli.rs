@@ -55,6 +55,9 @@ pub struct Args {
     /// Seconds a connected sender may stay silent.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub idle_timeout: u64,
+    /// Seconds a TLS handshake may take.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub handshake_timeout: u64,
     /// Most connections at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_connections: usize,
@@ -141,7 +144,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tls: tls_rx,
             allow_clients: args.allow_client,
             mirror_retention: !args.keep_all_snapshots,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
             idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
             max_connections: args.max_connections.max(1),
             grace: Duration::from_secs(args.grace),

@@ -64,6 +64,8 @@ pub struct Session<'a, S> {
     peer: String,
     cancel: CancellationToken,
     open: Option<Open>,
+    /// A connection asks for cleanbuffer once (it ends a run).
+    cleaned: bool,
 }
 
 fn refused(reason: impl Into<String>) -> Message {
@@ -86,6 +88,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             peer,
             cancel,
             open: None,
+            cleaned: false,
         }
     }
 
@@ -199,6 +202,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     delete_missing,
                     dry_run,
                 } => {
+                    if std::mem::replace(&mut self.cleaned, true) {
+                        return Err(ProtocolError::Unexpected {
+                            got: "a second cleanbuffer".into(),
+                            expected: "one cleanbuffer per connection".into(),
+                        });
+                    }
                     self.abandon().await;
                     let mut report = if dry_run {
                         self.would_place()
