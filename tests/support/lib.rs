@@ -165,12 +165,17 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(tag: &str) -> Pool {
+        Pool::new_sized(tag, 256 << 20)
+    }
+
+    /// A pool on a file of `size` bytes (zfs-fuse needs at least 64 MiB).
+    pub fn new_sized(tag: &str, size: u64) -> Pool {
         ensure_zfs();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("zt{tag}{}x{n}", std::process::id());
         let file = std::env::temp_dir().join(format!("{name}.img"));
         let f = std::fs::File::create(&file).expect("pool file");
-        f.set_len(256 << 20).expect("size pool file");
+        f.set_len(size).expect("size pool file");
         drop(f);
         let file_s = file.to_string_lossy().to_string();
         let _turn = turn();
@@ -346,6 +351,12 @@ impl Receiver {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL, and waits for the exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends a signal.

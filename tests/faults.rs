@@ -1,0 +1,367 @@
+//! Hardening, second part: faults. Each is injected while a stream is
+//! flowing (the sender's `zfs send` is slowed down so there is a "while"),
+//! then a normal run must complete, and the target must hold only whole
+//! snapshots with the source's GUIDs. Prints one line of figures.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use zfsync_e2e::*;
+
+/// A `--zfs` for the sender whose `zfs send` output trickles at about
+/// 1 MiB/s.
+fn slow_zfs(dir: &TempDir) -> String {
+    let script = dir.path().join("slow-zfs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nset -o pipefail\nif [ \"$1\" = send ]; then\n  tmp=$(mktemp)\n  {zfs} \"$@\" | while :; do\n    dd bs=65536 count=1 iflag=fullblock of=\"$tmp\" status=none || break\n    [ -s \"$tmp\" ] || break\n    cat \"$tmp\" || break\n    sleep 0.05\n  done\n  rc=$?\n  rm -f \"$tmp\"\n  exit $rc\nfi\nexec {zfs} \"$@\"\n",
+            zfs = zfs_bin()
+        ),
+    )
+    .unwrap();
+    run("chmod", &["+x", &script.to_string_lossy()]);
+    script.to_string_lossy().into_owned()
+}
+
+fn zfs_bin() -> &'static str {
+    ["/usr/sbin/zfs", "/sbin/zfs", "/usr/local/sbin/zfs"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("zfs")
+}
+
+fn spawn_send(port: u16, zfs: &str, src: &str) -> Child {
+    Command::new(bin("zfsync-send"))
+        .args(Certs::shared().sender_args())
+        .args([
+            "-p",
+            &port.to_string(),
+            "-t",
+            "2",
+            "--zfs",
+            zfs,
+            src,
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// How many `zfs receive` of the big dataset (in place or buffered) the
+/// receiver has started.
+fn receives_started(recv: &Receiver) -> usize {
+    recv.log()
+        .lines()
+        .filter(|l| l.contains("spawning argv=") && l.contains("receive"))
+        .filter(|l| l.contains("/big") || l.contains("2F626967"))
+        .count()
+}
+
+/// Waits until the big dataset's `n`-th receive runs, then a little more:
+/// its slowed stream takes about six seconds.
+fn wait_receiving(recv: &Receiver, n: usize) {
+    let start = Instant::now();
+    while receives_started(recv) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no receive of big started:\n{}",
+            recv.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+/// Waits for orphaned `zfs receive` processes into `pool` to end.
+fn wait_no_receive(pool: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("zfs receive .*{pool}")])
+            .output()
+            .unwrap();
+        if out.stdout.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("a zfs receive into {pool} did not end");
+}
+
+/// Every snapshot on the target is one of the source's, with its GUID:
+/// whole or absent, never partial or foreign. Returns how many.
+#[track_caller]
+fn assert_whole(src: &str, dst: &str) -> usize {
+    if !exists(dst) {
+        return 0;
+    }
+    let s = snapshot_guids(src);
+    let d = snapshot_guids(dst);
+    for (k, v) in &d {
+        assert_eq!(s.get(k), Some(v), "{dst}: {k} is not the source's");
+    }
+    d.len()
+}
+
+#[derive(Default)]
+struct Figures {
+    faults: usize,
+    completed: usize,
+}
+
+fn new_round(src: &str, round: u64) {
+    write_file(&format!("{src}/big"), "data", &noise(6 << 20, round));
+    write_file(src, "round", round.to_string().as_bytes());
+    zfs(&["snapshot", "-r", &format!("{src}@r{round}")]);
+}
+
+#[test]
+fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
+    let a = Pool::new("fault");
+    let b = Pool::new("fault");
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    zfs(&["create", &b.ds("outside")]);
+    for ds in [src.clone(), format!("{src}/a"), format!("{src}/big")] {
+        zfs(&["create", &ds]);
+        write_file(&ds, "f", ds.as_bytes());
+    }
+    let outside = pool_state(&b.ds("outside"));
+    let tmp = TempDir::new("slow");
+    let slow = slow_zfs(&tmp);
+    let certs = Certs::shared();
+    let mut recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    let port = recv.port;
+    let mut fig = Figures::default();
+    let normal_run = |fig: &mut Figures| {
+        send(
+            &certs.sender_args(),
+            &["-p", &port.to_string(), &src, "127.0.0.1"],
+        )
+        .assert_code(0);
+        assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+        fig.completed += 1;
+    };
+
+    for round in 1..=3u64 {
+        // 1. SIGKILL of the sender mid-stream.
+        new_round(&src, round * 10 + 1);
+        let n = receives_started(&recv);
+        let mut sender = spawn_send(port, &slow, &src);
+        wait_receiving(&recv, n + 1);
+        let cuts = recv.log().matches("stream cut").count();
+        sender.kill().unwrap();
+        let _ = sender.wait();
+        recv.wait_for_log("stream cut", cuts + 1, Duration::from_secs(60));
+        wait_no_receive(&b.name);
+        assert_whole(&src, &dst);
+        fig.faults += 1;
+        normal_run(&mut fig);
+
+        // 2. SIGKILL of the receiver mid-stream; it is started again.
+        new_round(&src, round * 10 + 2);
+        let n = receives_started(&recv);
+        let mut sender = spawn_send(port, &slow, &src);
+        wait_receiving(&recv, n + 1);
+        recv.kill();
+        let _ = sender.wait();
+        wait_no_receive(&b.name);
+        assert_whole(&src, &dst);
+        fig.faults += 1;
+        recv = Receiver::start_on(&dst, &certs.receiver_args(), &[], port);
+        normal_run(&mut fig);
+
+        // 3. SIGKILL of the receiver's `zfs receive` child.
+        new_round(&src, round * 10 + 3);
+        let n = receives_started(&recv);
+        let mut sender = spawn_send(port, &slow, &src);
+        wait_receiving(&recv, n + 1);
+        let out = Command::new("pgrep")
+            .args(["-P", &recv.pid().to_string(), "-f", "receive"])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        let _ = sender.wait();
+        wait_no_receive(&b.name);
+        assert_whole(&src, &dst);
+        fig.faults += 1;
+        normal_run(&mut fig);
+
+        // 4. Two senders at once: serialized or told "busy", never mixed.
+        new_round(&src, round * 10 + 4);
+        let mut one = spawn_send(port, &slow, &src);
+        let mut two = spawn_send(port, zfs_bin(), &src);
+        let _ = one.wait();
+        let _ = two.wait();
+        assert_whole(&src, &dst);
+        fig.faults += 1;
+        normal_run(&mut fig);
+    }
+    assert_eq!(
+        pool_state(&b.ds("outside")),
+        outside,
+        "written outside the target"
+    );
+    println!(
+        "faults: {} injected mid-stream, {} normal runs completed afterwards; target holds only whole snapshots; 0 writes outside the target",
+        fig.faults, fig.completed
+    );
+    assert!(fig.faults >= 12);
+}
+
+#[test]
+fn a_full_target_pool_fails_clearly_and_keeps_the_last_good_snapshot() {
+    let a = Pool::new("nospace");
+    let b = Pool::new_sized("nospace", 64 << 20);
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    zfs(&["create", &src]);
+    write_file(&src, "small", b"small");
+    zfs(&["snapshot", &format!("{src}@s1")]);
+    let certs = Certs::shared();
+    let recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    let port = recv.port.to_string();
+    send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"]).assert_code(0);
+    let src_before: BTreeMap<String, String> = snapshot_guids(&src);
+    // Far more than the 64 MiB pool holds.
+    for i in 0..4 {
+        write_file(&src, &format!("big{i}"), &noise(30 << 20, 100 + i));
+    }
+    zfs(&["snapshot", &format!("{src}@s2")]);
+    let run = send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"]);
+    run.assert_code(1);
+    assert!(
+        run.stdout.contains("space") || run.stdout.contains("quota"),
+        "no clear error:\n{}",
+        run.dump()
+    );
+    wait_no_receive(&b.name);
+    let got = snapshot_guids(&dst);
+    assert_eq!(
+        got.get("@s1"),
+        src_before.get("@s1"),
+        "the last good snapshot is gone"
+    );
+    assert!(!got.contains_key("@s2"));
+    // The source is untouched.
+    assert!(snapshot_guids(&src).contains_key("@s2"));
+    assert_eq!(snapshot_guids(&src).get("@s1"), src_before.get("@s1"));
+}
+
+#[test]
+fn a_busy_rename_is_retried_and_the_buffer_survives_a_receiver_restart() {
+    let a = Pool::new("busyren");
+    let b = Pool::new("busyren");
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    for ds in [src.clone(), format!("{src}/a"), format!("{src}/a/b")] {
+        zfs(&["create", &ds]);
+    }
+    zfs(&["snapshot", "-r", &format!("{src}@s1")]);
+    // A receiver whose `zfs rename` says "dataset is busy" three times.
+    let dir = TempDir::new("busyzfs");
+    let counter = dir.path().join("count");
+    let script = dir.path().join("zfs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = rename ]; then\n  n=$(cat '{c}' 2>/dev/null || echo 0)\n  if [ \"$n\" -lt 3 ]; then echo $((n+1)) > '{c}'; echo \"cannot rename '$2': dataset is busy\" >&2; exit 1; fi\nfi\nexec {zfs} \"$@\"\n",
+            c = counter.display(),
+            zfs = zfs_bin()
+        ),
+    )
+    .unwrap();
+    run("chmod", &["+x", &script.to_string_lossy()]);
+    let certs = Certs::shared();
+    let mut recv = Receiver::start(
+        &dst,
+        &certs.receiver_args(),
+        &["--zfs", &script.to_string_lossy()],
+    );
+    let port = recv.port;
+    // Datasets land in the buffer; then the receiver dies before placing them.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = zfsync_common::client::ClientOptions {
+            host: "127.0.0.1".into(),
+            port,
+            server_name: "localhost".into(),
+            tls: zfsync_common::tls::client_config(&zfsync_common::tls::TlsFiles {
+                ca: &certs.dir.join("ca.pem"),
+                cert: &certs.dir.join("sender.pem"),
+                key: &certs.dir.join("sender.key"),
+            })
+            .unwrap(),
+            run_id: "buffer".into(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        };
+        let mut c = zfsync_common::client::Client::connect(&opts).await.unwrap();
+        let ds = format!("{src}/a/b");
+        let out = zfs(&[
+            "get",
+            "-H",
+            "-p",
+            "-r",
+            "-d",
+            "1",
+            "-o",
+            "name,property,value",
+            "guid,createtxg,type",
+            &ds,
+        ]);
+        let snaps = zfsync_common::zfs::parse_get(&out)
+            .unwrap()
+            .datasets
+            .into_values()
+            .next()
+            .unwrap()
+            .snapshots;
+        c.sync(
+            &zfsync_common::naming::RelPath::new("/a/b").unwrap(),
+            &snaps,
+            false,
+        )
+        .await
+        .unwrap();
+        c.begin_stream(None, &snaps[0]).await.unwrap();
+        let mut child = tokio::process::Command::new(zfs_bin())
+            .args(["send", &format!("{ds}@s1")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let n = c.pump(&mut out, |_| {}).await.unwrap();
+        child.wait().await.unwrap();
+        c.end_stream(n).await.unwrap();
+        c.finish().await.unwrap();
+    });
+    assert!(exists(&format!("{dst}.zfsyncbuffer/2F612F62")));
+    recv.kill();
+    let recv = Receiver::start_on(
+        &dst,
+        &certs.receiver_args(),
+        &["--zfs", &script.to_string_lossy()],
+        port,
+    );
+    // The next run places it; the busy renames are retried.
+    send(
+        &certs.sender_args(),
+        &["-p", &port.to_string(), "-t", "1", &src, "127.0.0.1"],
+    )
+    .assert_code(0);
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+    assert!(
+        recv.log()
+            .contains("dataset is busy; unmounting and retrying"),
+        "{}",
+        recv.log()
+    );
+    assert!(!exists(&format!("{dst}.zfsyncbuffer")));
+}
