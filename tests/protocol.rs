@@ -170,6 +170,11 @@ async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
     stream(&mut c, &format!("{src}/a"), None, &a_snaps[0]).await;
     stream(&mut c, &format!("{src}/a"), Some(&a_snaps[0]), &a_snaps[1]).await;
     c.finish().await.unwrap();
+    // One cleanbuffer per connection (it ends a run): a new one.
+    c.bye().await;
+    let mut c = Client::connect(&options(certs, recv.port, "order-2"))
+        .await
+        .expect("connect");
     let r = c.clean_buffer(all, false, false).await.unwrap();
     let (placed, failed) = (r.placed, r.failed);
     assert!(r.orphans.is_empty(), "{:?}", r.orphans);
