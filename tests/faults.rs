@@ -162,7 +162,12 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
         fig.faults += 1;
         normal_run(&mut fig);
 
-        // 2. SIGKILL of the receiver mid-stream; it is started again.
+        // 2. SIGKILL of the receiver mid-stream; it is started again. In
+        // the first round during a full stream (the replica of big is
+        // removed first), later during incrementals.
+        if round == 1 {
+            zfs(&["destroy", "-r", &format!("{dst}/big")]);
+        }
         new_round(&src, round * 10 + 2);
         let n = receives_started(&recv);
         let mut sender = spawn_send(port, &slow, &src);
@@ -175,7 +180,11 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
         recv = Receiver::start_on(&dst, &certs.receiver_args(), &[], port);
         normal_run(&mut fig);
 
-        // 3. SIGKILL of the receiver's `zfs receive` child.
+        // 3. SIGKILL of the receiver's `zfs receive` child (in the second
+        // round during a full stream).
+        if round == 2 {
+            zfs(&["destroy", "-r", &format!("{dst}/big")]);
+        }
         new_round(&src, round * 10 + 3);
         let n = receives_started(&recv);
         let mut sender = spawn_send(port, &slow, &src);
