@@ -297,20 +297,7 @@ fn a_busy_rename_is_retried_and_the_buffer_survives_a_receiver_restart() {
     // Datasets land in the buffer; then the receiver dies before placing them.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let opts = zfsync_common::client::ClientOptions {
-            host: "127.0.0.1".into(),
-            port,
-            server_name: "localhost".into(),
-            tls: zfsync_common::tls::client_config(&zfsync_common::tls::TlsFiles {
-                ca: &certs.dir.join("ca.pem"),
-                cert: &certs.dir.join("sender.pem"),
-                key: &certs.dir.join("sender.key"),
-            })
-            .unwrap(),
-            run_id: "buffer".into(),
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(60),
-        };
+        let opts = certs.client_options(port, "buffer");
         let mut c = zfsync_common::client::Client::connect(&opts).await.unwrap();
         let ds = format!("{src}/a/b");
         let out = zfs(&[

@@ -18,20 +18,9 @@ use zfsync_e2e::*;
 type Tls = Connection<tokio_rustls::client::TlsStream<TcpStream>>;
 
 fn options(certs: &Certs, port: u16) -> ClientOptions {
-    ClientOptions {
-        host: "127.0.0.1".into(),
-        port,
-        server_name: "localhost".into(),
-        tls: client_config(&TlsFiles {
-            ca: &certs.dir.join("ca.pem"),
-            cert: &certs.dir.join("sender.pem"),
-            key: &certs.dir.join("sender.key"),
-        })
-        .expect("client config"),
-        run_id: "hardening".into(),
-        connect_timeout: Duration::from_secs(10),
-        read_timeout: Duration::from_secs(20),
-    }
+    let mut o = certs.client_options(port, "hardening");
+    o.read_timeout = Duration::from_secs(20);
+    o
 }
 
 /// A TLS connection that has said nothing yet (no Hello).

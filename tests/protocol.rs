@@ -11,28 +11,11 @@ use tokio::net::{TcpListener, TcpStream};
 use zfsync_common::client::{Client, ClientOptions};
 use zfsync_common::naming::{RelPath, SnapName};
 use zfsync_common::protocol::{Message, WireSnap};
-use zfsync_common::tls::{client_config, TlsFiles};
 use zfsync_common::zfs::Snapshot;
 use zfsync_e2e::*;
 
 fn options(certs: &Certs, port: u16, run_id: &str) -> ClientOptions {
-    let ca = certs.dir.join("ca.pem");
-    let cert = certs.dir.join("sender.pem");
-    let key = certs.dir.join("sender.key");
-    ClientOptions {
-        host: "127.0.0.1".into(),
-        port,
-        server_name: "localhost".into(),
-        tls: client_config(&TlsFiles {
-            ca: &ca,
-            cert: &cert,
-            key: &key,
-        })
-        .expect("client config"),
-        run_id: run_id.into(),
-        connect_timeout: Duration::from_secs(10),
-        read_timeout: Duration::from_secs(60),
-    }
+    certs.client_options(port, run_id)
 }
 
 /// The snapshots of one source dataset, oldest first, as the sender sees

@@ -360,20 +360,7 @@ fn orphans_are_reported_and_deleted_only_on_request_and_only_replicas() {
     let before = pool_state(&b.name);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
-        let opts = zfsync_common::client::ClientOptions {
-            host: "127.0.0.1".into(),
-            port: recv.port,
-            server_name: "localhost".into(),
-            tls: zfsync_common::tls::client_config(&zfsync_common::tls::TlsFiles {
-                ca: &certs.dir.join("ca.pem"),
-                cert: &certs.dir.join("sender.pem"),
-                key: &certs.dir.join("sender.key"),
-            })
-            .unwrap(),
-            run_id: "no-top".into(),
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(60),
-        };
+        let opts = certs.client_options(recv.port, "no-top");
         let mut c = zfsync_common::client::Client::connect(&opts).await.unwrap();
         let r = c
             .clean_buffer(vec!["/a".into()], true, false)

@@ -246,6 +246,26 @@ impl Certs {
         })
     }
 
+    /// Options for the protocol client with this sender certificate,
+    /// talking to a receiver on 127.0.0.1:`port`.
+    pub fn client_options(&self, port: u16, run_id: &str) -> zfsync_common::client::ClientOptions {
+        let tls = zfsync_common::tls::client_config(&zfsync_common::tls::TlsFiles {
+            ca: &self.dir.join("ca.pem"),
+            cert: &self.dir.join("sender.pem"),
+            key: &self.dir.join("sender.key"),
+        })
+        .expect("client config");
+        zfsync_common::client::ClientOptions {
+            host: "127.0.0.1".into(),
+            port,
+            server_name: "localhost".into(),
+            tls,
+            run_id: run_id.into(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+
     pub fn file(&self, name: &str) -> String {
         self.dir.join(name).to_string_lossy().into_owned()
     }
