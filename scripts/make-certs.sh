@@ -9,6 +9,7 @@
 # sender.pem/sender.key (client certificate whose CN and DNS name are SENDER_NAME,
 # default "zfsync-sender": what the receiver's --allow-client matches).
 # Copy ca.pem + receiver.* to the receiving host, ca.pem + sender.* to the sender.
+# ZFSYNC_CERT_DAYS sets how long the two certificates are valid (default 825).
 set -euo pipefail
 
 sender_name=zfsync-sender
@@ -41,7 +42,7 @@ issue() { # name cn san eku
     printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\nsubjectAltName=%s\n' \
         "$4" "$3" >"$1.ext"
     openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 \
-        -days 825 -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+        -days "${ZFSYNC_CERT_DAYS:-825}" -extfile "$1.ext" -out "$1.pem" 2>/dev/null
     rm -f "$1.csr" "$1.ext"
 }
 

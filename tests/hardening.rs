@@ -172,6 +172,22 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
         "a CN not in --allow-client",
         Client::connect(&not_allowed).await.is_err(),
     );
+    let expired_dir = TempDir::new("hardexp");
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(certs.dir.join(f), expired_dir.path().join(f)).unwrap();
+    }
+    let expired = Certs::make_valid_for(expired_dir.path(), "zfsync-sender", -1);
+    let mut expired_opts = opts.clone();
+    expired_opts.tls = client_config(&TlsFiles {
+        ca: &certs.dir.join("ca.pem"),
+        cert: &expired.dir.join("sender.pem"),
+        key: &expired.dir.join("sender.key"),
+    })
+    .unwrap();
+    t.check(
+        "an expired client certificate",
+        Client::connect(&expired_opts).await.is_err(),
+    );
     let mut roots = rustls::RootCertStore::empty();
     for c in zfsync_common::tls::load_certs("CA", &certs.dir.join("ca.pem")).unwrap() {
         roots.add(c).unwrap();

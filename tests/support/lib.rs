@@ -219,8 +219,14 @@ pub struct Certs {
 
 impl Certs {
     pub fn make(dir: &Path, sender_name: &str) -> Certs {
+        Certs::make_valid_for(dir, sender_name, 825)
+    }
+
+    /// Certificates valid for `days` (negative: already expired).
+    pub fn make_valid_for(dir: &Path, sender_name: &str, days: i32) -> Certs {
         let script = root().join("scripts/make-certs.sh");
         let out = Command::new("bash")
+            .env("ZFSYNC_CERT_DAYS", days.to_string())
             .arg(&script)
             .args(["-s", sender_name])
             .arg(dir)
