@@ -3,7 +3,8 @@
 # zfs-fuse on hosts without the OpenZFS kernel module).
 #
 #   make build   release binaries: target/release/zfsync-send, zfsync-recv
-#   make test    the whole test suite (unit and end-to-end): cargo test --workspace
+#   make test    the whole test suite (unit and end-to-end): cargo test --workspace,
+#                then one line of hardening figures
 #   make demo    replicate a sample tree between two throw-away pools (root)
 #   make certs   a CA and certificates in ./certs (RECEIVER=host names/IPs
 #                the sender connects to, default localhost)
@@ -19,7 +20,9 @@ build:
 	cargo build --release
 
 test:
+	rm -rf target/zfsync-figures
 	cargo test --workspace
+	@bash scripts/hardening-figures.sh target/zfsync-figures
 
 demo:
 	bash scripts/demo.sh

@@ -9,22 +9,6 @@ use std::time::{Duration, Instant};
 
 use zfsync_e2e::*;
 
-/// A `--zfs` for the sender whose `zfs send` output trickles at about
-/// 1 MiB/s.
-fn slow_zfs(dir: &TempDir) -> String {
-    let script = dir.path().join("slow-zfs");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/bash\nset -o pipefail\nif [ \"$1\" = send ]; then\n  tmp=$(mktemp)\n  {zfs} \"$@\" | while :; do\n    dd bs=65536 count=1 iflag=fullblock of=\"$tmp\" status=none || break\n    [ -s \"$tmp\" ] || break\n    cat \"$tmp\" || break\n    sleep 0.05\n  done\n  rc=$?\n  rm -f \"$tmp\"\n  exit $rc\nfi\nexec {zfs} \"$@\"\n",
-            zfs = zfs_bin()
-        ),
-    )
-    .unwrap();
-    run("chmod", &["+x", &script.to_string_lossy()]);
-    script.to_string_lossy().into_owned()
-}
-
 fn zfs_bin() -> &'static str {
     ["/usr/sbin/zfs", "/sbin/zfs", "/usr/local/sbin/zfs"]
         .into_iter()
@@ -111,6 +95,28 @@ fn assert_whole(src: &str, dst: &str) -> usize {
 struct Figures {
     faults: usize,
     completed: usize,
+    /// Snapshots the target had before a fault and not after it.
+    lost: usize,
+}
+
+/// Snapshots the target holds now (before a fault).
+fn acknowledged(dst: &str) -> BTreeMap<String, String> {
+    if exists(dst) {
+        snapshot_guids(dst)
+    } else {
+        BTreeMap::new()
+    }
+}
+
+/// How many of `before` the target lost (a replica that was removed on
+/// purpose to force a full stream is not counted).
+fn lost(dst: &str, before: &BTreeMap<String, String>, skip: &str) -> usize {
+    let now = acknowledged(dst);
+    before
+        .iter()
+        .filter(|(k, _)| !k.starts_with(skip))
+        .filter(|(k, v)| now.get(*k) != Some(*v))
+        .count()
 }
 
 fn new_round(src: &str, round: u64) {
@@ -137,19 +143,27 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
     let mut recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
     let port = recv.port;
     let mut fig = Figures::default();
-    let normal_run = |fig: &mut Figures| {
+    let normal_run = |fig: &mut Figures, round: u64| {
         send(
             &certs.sender_args(),
             &["-p", &port.to_string(), &src, "127.0.0.1"],
         )
         .assert_code(0);
         assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+        // And the data itself, byte for byte, at the newest snapshot.
+        let snap = format!("r{round}");
+        assert_eq!(
+            files_at(&format!("{src}/big@{snap}")),
+            files_at(&format!("{dst}/big@{snap}")),
+            "big differs at @{snap}"
+        );
         fig.completed += 1;
     };
 
-    for round in 1..=3u64 {
+    for round in 1..=4u64 {
         // 1. SIGKILL of the sender mid-stream.
         new_round(&src, round * 10 + 1);
+        let before = acknowledged(&dst);
         let n = receives_started(&recv);
         let mut sender = spawn_send(port, &slow, &src);
         wait_receiving(&recv, n + 1);
@@ -159,8 +173,9 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
         recv.wait_for_log("stream cut", cuts + 1, Duration::from_secs(60));
         wait_no_receive(&b.name);
         assert_whole(&src, &dst);
+        fig.lost += lost(&dst, &before, "/big@");
         fig.faults += 1;
-        normal_run(&mut fig);
+        normal_run(&mut fig, round * 10 + 1);
 
         // 2. SIGKILL of the receiver mid-stream; it is started again. In
         // the first round during a full stream (the replica of big is
@@ -169,6 +184,7 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
             zfs(&["destroy", "-r", &format!("{dst}/big")]);
         }
         new_round(&src, round * 10 + 2);
+        let before = acknowledged(&dst);
         let n = receives_started(&recv);
         let mut sender = spawn_send(port, &slow, &src);
         wait_receiving(&recv, n + 1);
@@ -176,9 +192,10 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
         let _ = sender.wait();
         wait_no_receive(&b.name);
         assert_whole(&src, &dst);
+        fig.lost += lost(&dst, &before, "/big@");
         fig.faults += 1;
         recv = Receiver::start_on(&dst, &certs.receiver_args(), &[], port);
-        normal_run(&mut fig);
+        normal_run(&mut fig, round * 10 + 2);
 
         // 3. SIGKILL of the receiver's `zfs receive` child (in the second
         // round during a full stream).
@@ -186,6 +203,7 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
             zfs(&["destroy", "-r", &format!("{dst}/big")]);
         }
         new_round(&src, round * 10 + 3);
+        let before = acknowledged(&dst);
         let n = receives_started(&recv);
         let mut sender = spawn_send(port, &slow, &src);
         wait_receiving(&recv, n + 1);
@@ -199,18 +217,21 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
         let _ = sender.wait();
         wait_no_receive(&b.name);
         assert_whole(&src, &dst);
+        fig.lost += lost(&dst, &before, "/big@");
         fig.faults += 1;
-        normal_run(&mut fig);
+        normal_run(&mut fig, round * 10 + 3);
 
         // 4. Two senders at once: serialized or told "busy", never mixed.
         new_round(&src, round * 10 + 4);
+        let before = acknowledged(&dst);
         let mut one = spawn_send(port, &slow, &src);
         let mut two = spawn_send(port, zfs_bin(), &src);
         let _ = one.wait();
         let _ = two.wait();
         assert_whole(&src, &dst);
+        fig.lost += lost(&dst, &before, "/big@");
         fig.faults += 1;
-        normal_run(&mut fig);
+        normal_run(&mut fig, round * 10 + 4);
     }
     assert_eq!(
         pool_state(&b.ds("outside")),
@@ -218,10 +239,20 @@ fn faults_mid_stream_lose_nothing_and_the_next_run_completes() {
         "written outside the target"
     );
     println!(
-        "faults: {} injected mid-stream, {} normal runs completed afterwards; target holds only whole snapshots; 0 writes outside the target",
-        fig.faults, fig.completed
+        "faults: {} injected mid-stream, {} normal runs completed afterwards, {} snapshots lost; 0 writes outside the target",
+        fig.faults, fig.completed, fig.lost
     );
-    assert!(fig.faults >= 12);
+    record_figures(
+        "faults-mid-stream",
+        &[
+            ("faults", fig.faults as u64),
+            ("completed", fig.completed as u64),
+            ("lost", fig.lost as u64),
+            ("outside_writes", 0),
+        ],
+    );
+    assert_eq!(fig.lost, 0);
+    assert!(fig.faults >= 16);
 }
 
 #[test]
@@ -261,6 +292,7 @@ fn a_full_target_pool_fails_clearly_and_keeps_the_last_good_snapshot() {
     // The source is untouched.
     assert!(snapshot_guids(&src).contains_key("@s2"));
     assert_eq!(snapshot_guids(&src).get("@s1"), src_before.get("@s1"));
+    record_figures("faults-no-space", &[("faults", 1), ("lost", 0)]);
 }
 
 #[test]
@@ -360,4 +392,8 @@ fn a_busy_rename_is_retried_and_the_buffer_survives_a_receiver_restart() {
         recv.log()
     );
     assert!(!exists(&format!("{dst}.zfsyncbuffer")));
+    record_figures(
+        "faults-busy-restart",
+        &[("faults", 2), ("completed", 1), ("lost", 0)],
+    );
 }

@@ -540,10 +540,22 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
             .unwrap(),
         Message::New { .. }
     ));
+    let rss = peak_rss_kib(recv.pid());
     println!(
-        "hardening: {} hostile inputs tried, {} refused; target unchanged; receiver still serving",
-        t.tried, t.refused
+        "hardening: {} hostile inputs tried, {} refused; target unchanged; receiver still serving; peak memory {} KiB",
+        t.tried, t.refused, rss
     );
+    record_figures(
+        "hostile",
+        &[
+            ("hostile_tried", t.tried as u64),
+            ("hostile_refused", t.refused as u64),
+            ("outside_writes", 0),
+            ("receiver_peak_kib", rss),
+        ],
+    );
+    // Bounded: 64 connections of 16 MiB frames at most, far below this.
+    assert!(rss < 512 * 1024, "the receiver grew to {rss} KiB");
     assert!(t.missed.is_empty(), "not refused: {:#?}", t.missed);
     assert!(t.tried >= 50);
 }

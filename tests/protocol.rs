@@ -523,6 +523,10 @@ fn a_cut_connection_leaves_the_target_unchanged() {
     armed.store(false, Ordering::SeqCst);
     via(later_cut).assert_code(0);
     assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+    record_figures(
+        "faults-connection-cut",
+        &[("faults", 3), ("completed", 3), ("lost", 0)],
+    );
 }
 
 #[test]
@@ -568,6 +572,7 @@ fn sigterm_mid_transfer_aborts_the_receive_and_exits_0() {
     assert!(format!("{told:?}").contains("shutting down"), "{told:?}");
     assert!(!exists(&dst));
     assert_eq!(pool_state(&b.name), before);
+    record_figures("faults-sigterm", &[("faults", 1), ("lost", 0)]);
 }
 
 /// `zfs send ARGS` into memory.
@@ -796,12 +801,28 @@ fn sighup_reloads_the_certificates_and_a_bad_file_keeps_the_old_ones() {
     let port = recv.port.to_string();
     send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"]).assert_code(0);
 
-    // A new CA: after SIGHUP only its senders get in.
+    // A new CA: after SIGHUP only its senders get in, while a transfer
+    // that was under way goes on to the end.
+    write_file(&src, "big", &noise(4 << 20, 21));
+    zfs(&["snapshot", &format!("{src}@s2")]);
+    let slow_dir = TempDir::new("hupslow");
+    let slow = slow_zfs(&slow_dir);
+    let spawned = recv.log().matches("spawning argv=").count();
+    let running = {
+        let (tls, port, src) = (certs.sender_args(), port.clone(), src.clone());
+        std::thread::spawn(move || send(&tls, &["-p", &port, "--zfs", &slow, &src, "127.0.0.1"]))
+    };
+    recv.wait_for_log("spawning argv=", spawned + 1, Duration::from_secs(30));
     let other_dir = TempDir::new("hupother");
     let other = Certs::make(other_dir.path(), "zfsync-sender");
     install(&other);
     recv.signal("HUP");
     recv.wait_for_log("certificates reloaded", 1, Duration::from_secs(10));
+    running
+        .join()
+        .unwrap()
+        .assert_code(0)
+        .assert_stdout_has("incremental @s1..@s2");
     send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"]).assert_code(3);
     send(&other.sender_args(), &["-p", &port, &src, "127.0.0.1"])
         .assert_code(0)

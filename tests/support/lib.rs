@@ -653,3 +653,46 @@ pub fn assert_same_files(src: &str, dst: &str, snap: &str) {
         }
     }
 }
+
+/// Adds figures for the closing hardening line (`make test` sums them with
+/// scripts/hardening-figures.sh): one `key value` per line.
+pub fn record_figures(test: &str, figures: &[(&str, u64)]) {
+    // target/debug/deps/<test> -> target/zfsync-figures
+    let exe = std::env::current_exe().expect("test executable path");
+    let Some(target) = exe.ancestors().nth(3) else {
+        return;
+    };
+    let dir = target.join("zfsync-figures");
+    let _ = std::fs::create_dir_all(&dir);
+    let body: String = figures.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+    let _ = std::fs::write(dir.join(format!("{test}.txt")), body);
+}
+
+/// Peak resident memory of a process, in KiB (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A `--zfs` for a sender whose `zfs send` output trickles at about 1 MiB/s,
+/// so that a test can strike while a stream flows.
+pub fn slow_zfs(dir: &TempDir) -> String {
+    let script = dir.path().join("slow-zfs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nset -o pipefail\nif [ \"$1\" = send ]; then\n  tmp=$(mktemp)\n  {zfs} \"$@\" | while :; do\n    dd bs=65536 count=1 iflag=fullblock of=\"$tmp\" status=none || break\n    [ -s \"$tmp\" ] || break\n    cat \"$tmp\" || break\n    sleep 0.05\n  done\n  rc=$?\n  rm -f \"$tmp\"\n  exit $rc\nfi\nexec {zfs} \"$@\"\n",
+            zfs = zfs_path()
+        ),
+    )
+    .expect("write slow zfs");
+    run("chmod", &["+x", &script.to_string_lossy()]);
+    script.to_string_lossy().into_owned()
+}
