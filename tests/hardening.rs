@@ -341,6 +341,20 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
         "a sender that goes silent (idle timeout)",
         ended(&mut c).await,
     );
+    // One byte a second: a frame never completes within the idle timeout.
+    let mut c = hello(&opts).await;
+    let mut cut = false;
+    for b in [0u8, 0, 0, 40, b'M', b'{', b'"'] {
+        if c.get_mut().write_all(&[b]).await.is_err() || c.get_mut().flush().await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    t.check(
+        "a sender trickling one byte a second",
+        cut || ended(&mut c).await,
+    );
 
     // More connections than --max-connections 3.
     drop(c);
