@@ -88,6 +88,30 @@ fn assert_whole(src: &str, dst: &str) -> usize {
     for (k, v) in &d {
         assert_eq!(s.get(k), Some(v), "{dst}: {k} is not the source's");
     }
+    // The big dataset's data at whatever snapshot it is now, byte for byte.
+    let big = format!("{dst}/big");
+    if exists(&big) {
+        let names = zfs(&[
+            "list",
+            "-H",
+            "-t",
+            "snapshot",
+            "-o",
+            "name",
+            "-s",
+            "createtxg",
+            "-r",
+            &big,
+        ]);
+        if let Some(newest) = names.lines().last().and_then(|n| n.split_once('@')) {
+            assert_eq!(
+                files_at(&format!("{src}/big@{}", newest.1)),
+                files_at(&format!("{big}@{}", newest.1)),
+                "big differs at @{} after a fault",
+                newest.1
+            );
+        }
+    }
     d.len()
 }
 
