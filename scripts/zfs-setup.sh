@@ -53,7 +53,7 @@ fuse_pids() {
 # --- 1. kernel OpenZFS ---------------------------------------------------------
 if command -v zfs >/dev/null 2>&1 && command -v zpool >/dev/null 2>&1; then
     if { zfs version >/dev/null 2>&1 || [ -d /sys/module/zfs ]; } && zpool_ok; then
-        say "kernel OpenZFS works ($(zfs version 2>/dev/null | head -n1 || echo 'module loaded')); nothing to do"
+        say "kernel OpenZFS works ($(zfs version 2>/dev/null | sed -n 1p || echo 'module loaded')); nothing to do"
         exit 0
     fi
 fi

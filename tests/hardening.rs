@@ -261,6 +261,10 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
             let body = b"M{\"type\":\"end\",\"bytes\":1,\"rm\":\"-rf\"}";
             [&(body.len() as u32).to_be_bytes()[..], body].concat()
         }),
+        ("a path that is not UTF-8", {
+            let body = b"M{\"type\":\"sync\",\"path\":\"/a\xff\xfe\",\"snapshots\":[],\"allow_full\":false}";
+            [&(body.len() as u32).to_be_bytes()[..], body].concat()
+        }),
         ("a negative byte count", {
             let body = b"M{\"type\":\"end\",\"bytes\":-5}";
             [&(body.len() as u32).to_be_bytes()[..], body].concat()
