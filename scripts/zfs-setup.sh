@@ -160,7 +160,7 @@ while IFS=$'\t' read -r name health; do
         fi
         sleep 1
     done
-    if [ -z "$ok" ] && timeout 20 zpool list -H -o name 2>/dev/null | grep -qxF "$name"; then
+    if [ -z "$ok" ] && timeout 20 zpool list -H -o name 2>/dev/null | grep -xF "$name" >/dev/null; then
         die "cannot destroy the leftover pool $name (zpool destroy -f $name)"
     fi
 done <<<"$pools"
