@@ -91,24 +91,11 @@ fn assert_whole(src: &str, dst: &str) -> usize {
     // The big dataset's data at whatever snapshot it is now, byte for byte.
     let big = format!("{dst}/big");
     if exists(&big) {
-        let names = zfs(&[
-            "list",
-            "-H",
-            "-t",
-            "snapshot",
-            "-o",
-            "name",
-            "-s",
-            "createtxg",
-            "-r",
-            &big,
-        ]);
-        if let Some(newest) = names.lines().last().and_then(|n| n.split_once('@')) {
+        if let Some(newest) = snapshot_names(&big).last() {
             assert_eq!(
-                files_at(&format!("{src}/big@{}", newest.1)),
-                files_at(&format!("{big}@{}", newest.1)),
-                "big differs at @{} after a fault",
-                newest.1
+                files_at(&format!("{src}/big@{newest}")),
+                files_at(&format!("{big}@{newest}")),
+                "big differs at @{newest} after a fault"
             );
         }
     }
@@ -356,25 +343,7 @@ fn a_busy_rename_is_retried_and_the_buffer_survives_a_receiver_restart() {
         let opts = certs.client_options(port, "buffer");
         let mut c = zfsync_common::client::Client::connect(&opts).await.unwrap();
         let ds = format!("{src}/a/b");
-        let out = zfs(&[
-            "get",
-            "-H",
-            "-p",
-            "-r",
-            "-d",
-            "1",
-            "-o",
-            "name,property,value",
-            "guid,createtxg,type",
-            &ds,
-        ]);
-        let snaps = zfsync_common::zfs::parse_get(&out)
-            .unwrap()
-            .datasets
-            .into_values()
-            .next()
-            .unwrap()
-            .snapshots;
+        let snaps = snapshots_of(&ds);
         c.sync(
             &zfsync_common::naming::RelPath::new("/a/b").unwrap(),
             &snaps,

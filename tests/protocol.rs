@@ -18,27 +18,8 @@ fn options(certs: &Certs, port: u16, run_id: &str) -> ClientOptions {
     certs.client_options(port, run_id)
 }
 
-/// The snapshots of one source dataset, oldest first, as the sender sees
-/// them.
 fn snaps(ds: &str) -> Vec<Snapshot> {
-    let out = zfs(&[
-        "get",
-        "-H",
-        "-p",
-        "-r",
-        "-d",
-        "1",
-        "-o",
-        "name,property,value",
-        "guid,createtxg,type",
-        ds,
-    ]);
-    let tree = zfsync_common::zfs::parse_get(&out).expect("parse");
-    tree.datasets
-        .into_values()
-        .find(|d| d.name.as_str() == ds)
-        .expect("dataset listed")
-        .snapshots
+    snapshots_of(ds)
 }
 
 /// Streams `zfs send [-I from] ds@to` through the client.

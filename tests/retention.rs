@@ -34,23 +34,8 @@ fn cron(lockdir: &Path, port: u16, args: &[&str], src: &str, send_bin: Option<&s
     }
 }
 
-/// Snapshot names of one dataset, oldest first.
 fn snapnames(ds: &str) -> Vec<String> {
-    zfs(&[
-        "list",
-        "-H",
-        "-t",
-        "snapshot",
-        "-o",
-        "name",
-        "-s",
-        "createtxg",
-        "-r",
-        ds,
-    ])
-    .lines()
-    .filter_map(|l| l.strip_prefix(&format!("{ds}@")).map(str::to_string))
-    .collect()
+    snapshot_names(ds)
 }
 
 fn of_class(names: &[String], class: char) -> Vec<String> {

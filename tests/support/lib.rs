@@ -696,3 +696,32 @@ pub fn slow_zfs(dir: &TempDir) -> String {
     run("chmod", &["+x", &script.to_string_lossy()]);
     script.to_string_lossy().into_owned()
 }
+
+/// The snapshots of one dataset, oldest first, as the sender sees them.
+pub fn snapshots_of(ds: &str) -> Vec<zfsync_common::zfs::Snapshot> {
+    let out = zfs(&[
+        "get",
+        "-H",
+        "-p",
+        "-d",
+        "1",
+        "-o",
+        "name,property,value",
+        "guid,createtxg,type",
+        ds,
+    ]);
+    let tree = zfsync_common::zfs::parse_get(&out).expect("parse zfs get");
+    tree.datasets
+        .into_values()
+        .find(|d| d.name.as_str() == ds)
+        .expect("dataset listed")
+        .snapshots
+}
+
+/// Snapshot names of one dataset (not its children), oldest first.
+pub fn snapshot_names(ds: &str) -> Vec<String> {
+    snapshots_of(ds)
+        .iter()
+        .map(|s| s.name.to_string())
+        .collect()
+}
