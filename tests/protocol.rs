@@ -214,28 +214,8 @@ async fn hostile_names_are_refused_and_nothing_changes() {
         guid: 1,
         createtxg: 1,
     }];
-    let long = format!("/{}", "a".repeat(300));
-    let paths = [
-        "/../x",
-        "/a@b",
-        "/a/../../etc",
-        long.as_str(),
-        "/a//b",
-        "//",
-        "/",
-        "/a/",
-        "/a\0b",
-        "x",
-        "../outside",
-        "/./a",
-        "/a#b",
-        "/a%b",
-        "/a\tb",
-        "/\n",
-        "/a\u{7f}",
-        "/é",
-    ];
-    for p in paths {
+    let paths = hostile_paths();
+    for p in &paths {
         let conn = c.connection();
         conn.send(Message::Sync {
             path: p.to_string(),
@@ -250,7 +230,10 @@ async fn hostile_names_are_refused_and_nothing_changes() {
                 reason,
                 temporary: false,
             } => {
-                assert!(reason.contains("invalid dataset path"), "{p:?}: {reason}")
+                assert!(
+                    reason.contains("invalid dataset path") || reason.contains("cannot be placed"),
+                    "{p:?}: {reason}"
+                )
             }
             other => panic!("{p:?} not refused: {other:?}"),
         }

@@ -23,7 +23,7 @@ use zfsync_common::zfs::{Snapshot, ZfsChild};
 /// killed.
 const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-use crate::state::{DatasetLock, Location, Target, REPLICA_PROP};
+use crate::state::{is_replica, DatasetLock, Location, Target, REPLICA_PROP};
 
 /// How a dataset's streams are being received.
 enum Mode {
@@ -1036,13 +1036,22 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             let Some(_lock) = self.target.try_lock(rel) else {
                 continue;
             };
-            // Judge on a fresh listing: a dataset may have appeared below
-            // since this run's listing, and destroy -r would take it.
-            if let Err(e) = self.target.relist().await {
-                tracing::warn!(%ds, "cannot list before deleting: {e}");
-                return;
-            }
-            if !self.target.all_replicas(ds) {
+            // Judge on a fresh listing of this subtree alone: a dataset may
+            // have appeared below since this run's listing, and destroy -r
+            // would take it.
+            let fresh = match self
+                .target
+                .zfs
+                .list_trees_with(&[ds], &[REPLICA_PROP])
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%ds, "cannot list before deleting: {e}");
+                    continue;
+                }
+            };
+            if !fresh.datasets.values().all(is_replica) {
                 tracing::warn!(%ds, "orphaned, but not created by zfsync (or holds such a dataset): left alone");
                 continue;
             }

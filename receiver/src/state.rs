@@ -38,6 +38,14 @@ pub struct Target {
     listed_run: tokio::sync::Mutex<Option<String>>,
 }
 
+/// Did zfsync create this dataset? Its mark is its own GUID, so a dataset
+/// that merely inherited a parent's mark does not count.
+pub fn is_replica(d: &Dataset) -> bool {
+    d.props
+        .get(REPLICA_PROP)
+        .is_some_and(|v| *v == d.guid.to_string())
+}
+
 /// Held while a connection works on a dataset; dropping it frees the path.
 pub struct DatasetLock {
     rel: RelPath,
@@ -135,18 +143,6 @@ impl Target {
         if let Some(d) = lock(&self.cache).get_mut(ds) {
             d.props.insert(REPLICA_PROP.to_string(), guid.to_string());
         }
-    }
-
-    /// Did zfsync create `ds` and everything below it?
-    pub fn all_replicas(&self, ds: &DatasetName) -> bool {
-        lock(&self.cache)
-            .iter()
-            .filter(|(k, _)| *k == ds || k.relative_to(ds).is_some())
-            .all(|(_, d)| {
-                d.props
-                    .get(REPLICA_PROP)
-                    .is_some_and(|v| *v == d.guid.to_string())
-            })
     }
 
     /// Datasets in place under the target whose relative path is not in

@@ -725,3 +725,50 @@ pub fn snapshot_names(ds: &str) -> Vec<String> {
         .map(|s| s.name.to_string())
         .collect()
 }
+
+/// Relative paths a receiver must refuse: traversal, ZFS's forbidden
+/// characters, control bytes, shell metacharacters, bad shapes, over-long.
+pub fn hostile_paths() -> Vec<String> {
+    let long = format!("/{}", "a".repeat(300));
+    let long_component = format!("/{}", "b".repeat(250));
+    [
+        "/../x",
+        "/a@b",
+        "/a/../../etc",
+        "/a//b",
+        "//",
+        "/",
+        "/a/",
+        "/a\0b",
+        "x",
+        "../outside",
+        "/./a",
+        "/.",
+        "/..",
+        "/a/.",
+        "/a/..",
+        "/a#b",
+        "/a%b",
+        "/a\tb",
+        "/\n",
+        "/a\r",
+        "/a\u{7f}",
+        "/é",
+        "/\u{202e}txt",
+        "/a\\b",
+        "/a*b",
+        "/a?b",
+        "/a\"b",
+        "/a'b",
+        "/a;rm -rf",
+        "/$(id)",
+        "/a|b",
+        "/a>b",
+        "a/b",
+        " /a",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .chain([long, long_component])
+    .collect()
+}
