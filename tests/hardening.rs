@@ -39,6 +39,8 @@ async fn raw(opts: &ClientOptions) -> Tls {
 async fn hello(opts: &ClientOptions) -> Tls {
     let mut c = raw(opts).await;
     c.send(Message::Hello {
+        zfs: String::new(),
+        caps: vec![],
         version: zfsync_common::protocol::PROTOCOL_VERSION,
         run_id: "hardening".into(),
         software: "test".into(),
@@ -212,6 +214,8 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
     // --- After the handshake: the conversation itself.
     let mut c = raw(&opts).await;
     c.send(Message::Hello {
+        zfs: String::new(),
+        caps: vec![],
         version: 99,
         run_id: "x".into(),
         software: "x".into(),
@@ -230,6 +234,7 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
     t.check("cleanbuffer before Hello", ended(&mut c).await);
     let mut c = raw(&opts).await;
     c.send(Message::Sync {
+        bookmarks: vec![],
         path: "/x".into(),
         snapshots: vec![snap("s1", 1)],
         allow_full: true,
@@ -288,6 +293,7 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
         (
             "a stream without a sync",
             Some(Message::Stream {
+                resume: false,
                 from_guid: None,
                 to: snap("s1", 1),
             }),
@@ -318,6 +324,8 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
                 .unwrap(),
             ("a second Hello", _) => c
                 .send(Message::Hello {
+                    zfs: String::new(),
+                    caps: vec![],
                     version: zfsync_common::protocol::PROTOCOL_VERSION,
                     run_id: "again".into(),
                     software: "x".into(),
@@ -380,6 +388,7 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
     for p in &paths {
         let conn = c.connection();
         conn.send(Message::Sync {
+            bookmarks: vec![],
             path: p.clone(),
             snapshots: vec![snap("s1", 1)],
             allow_full: true,
@@ -415,6 +424,7 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
     ] {
         let conn = c.connection();
         conn.send(Message::Sync {
+            bookmarks: vec![],
             path: "/ok".into(),
             snapshots: vec![snap(n, 5)],
             allow_full: false,
@@ -429,6 +439,7 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
     }
     let conn = c.connection();
     conn.send(Message::Sync {
+        bookmarks: vec![],
         path: "/ok".into(),
         snapshots: vec![],
         allow_full: true,

@@ -218,6 +218,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
     for p in &paths {
         let conn = c.connection();
         conn.send(Message::Sync {
+            bookmarks: vec![],
             path: p.to_string(),
             snapshots: good.clone(),
             allow_full: true,
@@ -242,6 +243,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
     for name in ["", "a@b", "../x", "a/b", "a#b", "x\0", &"s".repeat(300)] {
         let conn = c.connection();
         conn.send(Message::Sync {
+            bookmarks: vec![],
             path: "/ok".into(),
             snapshots: vec![WireSnap {
                 name: name.to_string(),
@@ -263,6 +265,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
     // An empty snapshot list never reaches zfs.
     c.connection()
         .send(Message::Sync {
+            bookmarks: vec![],
             path: "/ok".into(),
             snapshots: vec![],
             allow_full: true,
@@ -277,6 +280,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
     // A stream announced without a sync request ends the connection.
     c.connection()
         .send(Message::Stream {
+            resume: false,
             from_guid: None,
             to: good[0].clone(),
         })

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::caps::{Caps, SendPath};
 use crate::naming::RelPath;
 use crate::protocol::{
     Connection, Message, PlaceFailure, ProtocolError, WireSnap, DATA_CHUNK, PROTOCOL_VERSION,
@@ -83,10 +84,16 @@ pub struct ClientOptions {
     /// Longest wait for the receiver's next frame (it may be finishing a
     /// large `zfs receive`).
     pub read_timeout: Duration,
+    /// What the local `zfs` can do (told to the receiver in the handshake).
+    pub caps: Caps,
 }
 
 pub struct Client {
     conn: TlsConnection,
+    /// The receiver's `zfs` and what it can do.
+    peer: Caps,
+    /// The best path both ends support.
+    path: SendPath,
 }
 
 /// The receiver's word on a finished dataset.
@@ -137,18 +144,30 @@ impl Client {
         })?
         .map_err(|e| ClientError::Tls(explain_client_error(&e.to_string(), &opts.server_name)))?;
         let conn = Connection::new(tls, opts.read_timeout, opts.read_timeout);
-        let mut client = Client { conn };
+        let mut client = Client {
+            conn,
+            peer: Caps::default(),
+            path: SendPath::default(),
+        };
         client
             .conn
             .send(Message::Hello {
                 version: PROTOCOL_VERSION,
                 run_id: opts.run_id.clone(),
                 software: format!("zfsync {}", env!("CARGO_PKG_VERSION")),
+                zfs: opts.caps.version.clone(),
+                caps: opts.caps.names(),
             })
             .await
             .map_err(|e| tls_rejection(e, &opts.server_name))?;
         match client.conn.read_msg().await {
-            Ok(Message::HelloOk { version, .. }) if version == PROTOCOL_VERSION => Ok(client),
+            Ok(Message::HelloOk {
+                version, zfs, caps, ..
+            }) if version == PROTOCOL_VERSION => {
+                client.peer = Caps::from_names(&zfs, &caps);
+                client.path = SendPath::choose(&opts.caps, &client.peer);
+                Ok(client)
+            }
             Ok(Message::HelloOk { version, .. }) => Err(ClientError::Version {
                 ours: PROTOCOL_VERSION,
                 theirs: version,
@@ -156,6 +175,16 @@ impl Client {
             Ok(other) => Err(unexpected(other, "hello_ok")),
             Err(e) => Err(tls_rejection(e, &opts.server_name)),
         }
+    }
+
+    /// The receiver's `zfs` and its capabilities, from the handshake.
+    pub fn peer_caps(&self) -> &Caps {
+        &self.peer
+    }
+
+    /// How streams travel to this receiver (flags, raw, resumable).
+    pub fn path(&self) -> SendPath {
+        self.path
     }
 
     /// The underlying connection, for tests that speak the protocol by hand.
@@ -169,7 +198,32 @@ impl Client {
         snapshots: &[Snapshot],
         allow_full: bool,
     ) -> Result<Reply, ClientError> {
-        self.sync_request(path, snapshots, allow_full, false).await
+        self.sync_request(path, snapshots, &[], allow_full, false).await
+    }
+
+    /// A sync request with the sender's bookmarks (incremental bases when
+    /// the snapshot itself is gone); `dry_run` asks for the answer only.
+    pub async fn sync_with(
+        &mut self,
+        path: &RelPath,
+        snapshots: &[Snapshot],
+        bookmarks: &[Snapshot],
+        allow_full: bool,
+        dry_run: bool,
+    ) -> Result<Reply, ClientError> {
+        self.sync_request(path, snapshots, bookmarks, allow_full, dry_run)
+            .await
+    }
+
+    /// The token of a resumable state could not be used here: the receiver
+    /// discards the state and answers as for the sync request.
+    pub async fn resume_failed(&mut self, reason: &str) -> Result<Reply, ClientError> {
+        self.conn
+            .send(Message::ResumeFailed {
+                reason: reason.to_string(),
+            })
+            .await?;
+        Ok(self.conn.read_msg().await?)
     }
 
     /// The receiver's answer without any effect on it (`--dry-run`).
@@ -179,13 +233,15 @@ impl Client {
         snapshots: &[Snapshot],
         allow_full: bool,
     ) -> Result<Reply, ClientError> {
-        self.sync_request(path, snapshots, allow_full, true).await
+        self.sync_request(path, snapshots, &[], allow_full, true)
+            .await
     }
 
     async fn sync_request(
         &mut self,
         path: &RelPath,
         snapshots: &[Snapshot],
+        bookmarks: &[Snapshot],
         allow_full: bool,
         dry_run: bool,
     ) -> Result<Reply, ClientError> {
@@ -193,6 +249,7 @@ impl Client {
             .send(Message::Sync {
                 path: path.as_str().to_string(),
                 snapshots: snapshots.iter().map(WireSnap::from).collect(),
+                bookmarks: bookmarks.iter().map(WireSnap::from).collect(),
                 allow_full,
                 dry_run,
             })
@@ -206,10 +263,29 @@ impl Client {
         from_guid: Option<u64>,
         to: &Snapshot,
     ) -> Result<(), ClientError> {
+        self.begin(from_guid, to, false).await
+    }
+
+    /// Announces the continuation of a cut stream (`zfs send -t`).
+    pub async fn begin_resume(
+        &mut self,
+        from_guid: Option<u64>,
+        to: &Snapshot,
+    ) -> Result<(), ClientError> {
+        self.begin(from_guid, to, true).await
+    }
+
+    async fn begin(
+        &mut self,
+        from_guid: Option<u64>,
+        to: &Snapshot,
+        resume: bool,
+    ) -> Result<(), ClientError> {
         self.conn
             .send(Message::Stream {
                 from_guid,
                 to: WireSnap::from(to),
+                resume,
             })
             .await?;
         match self.conn.read_msg().await? {

@@ -1,6 +1,7 @@
 //! zfsync's shared library: the wire protocol and its client, the `zfs`
 //! command-line layer, names, the planner and TLS set-up.
 
+pub mod caps;
 pub mod client;
 pub mod logging;
 pub mod naming;

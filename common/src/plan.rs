@@ -84,6 +84,18 @@ pub enum Decision {
 /// Decides what to do for one dataset. `source` and the target's snapshots
 /// are oldest first.
 pub fn negotiate(source: &[Snapshot], target: &TargetState<'_>, allow_full: bool) -> Decision {
+    negotiate_with_bookmarks(source, &[], target, allow_full)
+}
+
+/// [`negotiate`] where the sender also has bookmarks (OpenZFS): a bookmark
+/// whose GUID is the target's newest snapshot is a base for an incremental
+/// even when the snapshot itself was pruned on the sender.
+pub fn negotiate_with_bookmarks(
+    source: &[Snapshot],
+    bookmarks: &[Snapshot],
+    target: &TargetState<'_>,
+    allow_full: bool,
+) -> Decision {
     let Some(newest) = source.last() else {
         return Decision::NoSnapshots;
     };
@@ -101,8 +113,13 @@ pub fn negotiate(source: &[Snapshot], target: &TargetState<'_>, allow_full: bool
             accepted: allow_full,
         };
     }
-    // Newest target snapshot whose GUID the source also has.
-    let guids: std::collections::HashSet<u64> = source.iter().map(|s| s.guid).collect();
+    // Newest target snapshot whose GUID the source also has (as a snapshot
+    // or as a bookmark).
+    let guids: std::collections::HashSet<u64> = source
+        .iter()
+        .chain(bookmarks)
+        .map(|s| s.guid)
+        .collect();
     let common = snapshots
         .iter()
         .enumerate()
@@ -131,21 +148,43 @@ pub fn negotiate(source: &[Snapshot], target: &TargetState<'_>, allow_full: bool
             snapshot: newest.name.to_string(),
         };
     }
-    let pos = source
-        .iter()
-        .position(|s| s.guid == common.guid)
-        .unwrap_or(0);
+    let count = match source.iter().position(|s| s.guid == common.guid) {
+        Some(pos) => source.len() - pos - 1,
+        None => {
+            // Only a bookmark: what the sender created after it.
+            let Some(bm) = bookmarks.iter().find(|b| b.guid == common.guid) else {
+                return Decision::NoSnapshots;
+            };
+            let count = source
+                .iter()
+                .filter(|s| s.createtxg > bm.createtxg)
+                .count();
+            if count == 0 {
+                // The bookmark is newer than every snapshot: nothing to
+                // send from it.
+                return Decision::Full {
+                    reason: FullReason::NoCommon {
+                        target: snapshots.iter().map(|s| s.name.to_string()).collect(),
+                    },
+                    accepted: allow_full,
+                };
+            }
+            count
+        }
+    };
     Decision::Incremental {
         base_guid: common.guid,
-        count: source.len() - pos - 1,
+        count,
     }
 }
 
-/// One `zfs send`: full when `from` is `None`, else `-I from to`.
+/// One `zfs send`: full when `from` is `None`, else `-I from to`, or
+/// `-i ds#from to` when `from_bookmark`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step<'a> {
     pub from: Option<&'a Snapshot>,
     pub to: &'a Snapshot,
+    pub from_bookmark: bool,
 }
 
 /// The sends that carry out a decision so that every source snapshot after
@@ -153,19 +192,29 @@ pub struct Step<'a> {
 /// Empty when nothing is to be sent (or the base is unknown to the source,
 /// which negotiate never answers).
 pub fn steps<'a>(source: &'a [Snapshot], decision: &Decision) -> Vec<Step<'a>> {
+    steps_with_bookmarks(source, &[], decision)
+}
+
+/// [`steps`] where the base may be one of the sender's bookmarks: `-i` from
+/// the bookmark to the next snapshot (zfs has no `-I` from a bookmark),
+/// then `-I` to the newest.
+pub fn steps_with_bookmarks<'a>(
+    source: &'a [Snapshot],
+    bookmarks: &'a [Snapshot],
+    decision: &Decision,
+) -> Vec<Step<'a>> {
     let (Some(oldest), Some(newest)) = (source.first(), source.last()) else {
         return Vec::new();
     };
+    let step = |from: Option<&'a Snapshot>, to: &'a Snapshot| Step {
+        from,
+        to,
+        from_bookmark: false,
+    };
     let from_scratch = || {
-        let mut v = vec![Step {
-            from: None,
-            to: oldest,
-        }];
+        let mut v = vec![step(None, oldest)];
         if oldest.guid != newest.guid {
-            v.push(Step {
-                from: Some(oldest),
-                to: newest,
-            });
+            v.push(step(Some(oldest), newest));
         }
         v
     };
@@ -173,13 +222,28 @@ pub fn steps<'a>(source: &'a [Snapshot], decision: &Decision) -> Vec<Step<'a>> {
         Decision::New { .. } => from_scratch(),
         Decision::Full { accepted: true, .. } => from_scratch(),
         Decision::Incremental { base_guid, .. } => {
-            match source.iter().find(|s| s.guid == *base_guid) {
-                Some(base) if base.guid != newest.guid => vec![Step {
-                    from: Some(base),
-                    to: newest,
-                }],
-                _ => Vec::new(),
+            if let Some(base) = source.iter().find(|s| s.guid == *base_guid) {
+                return if base.guid != newest.guid {
+                    vec![step(Some(base), newest)]
+                } else {
+                    Vec::new()
+                };
             }
+            let Some(bm) = bookmarks.iter().find(|b| b.guid == *base_guid) else {
+                return Vec::new();
+            };
+            let Some(next) = source.iter().find(|s| s.createtxg > bm.createtxg) else {
+                return Vec::new();
+            };
+            let mut v = vec![Step {
+                from: Some(bm),
+                to: next,
+                from_bookmark: true,
+            }];
+            if next.guid != newest.guid {
+                v.push(step(Some(next), newest));
+            }
+            v
         }
         _ => Vec::new(),
     }
@@ -452,6 +516,63 @@ mod tests {
         for (source, decision, want) in table {
             assert_eq!(names(&steps(source, &decision)), want, "{decision:?}");
         }
+    }
+
+    #[test]
+    fn a_bookmark_is_a_base_when_its_snapshot_was_pruned() {
+        // The sender pruned @a and @b but bookmarked @b (guid 2).
+        let source = vec![s("c", 3, 30), s("d", 4, 40)];
+        let bookmarks = vec![s("b", 2, 20)];
+        let target = vec![s("a", 1, 10), s("b", 2, 20)];
+        let present = TargetState::Present { snapshots: &target };
+        let table: Vec<(&str, &[Snapshot], Decision, Vec<Named>)> = vec![
+            (
+                "bookmark of the target's newest",
+                &bookmarks,
+                Decision::Incremental {
+                    base_guid: 2,
+                    count: 2,
+                },
+                vec![(Some("b".into()), "c".into()), (Some("c".into()), "d".into())],
+            ),
+            (
+                "no bookmark: nothing in common",
+                &[],
+                Decision::Full {
+                    reason: FullReason::NoCommon {
+                        target: vec!["a".into(), "b".into()],
+                    },
+                    accepted: false,
+                },
+                vec![],
+            ),
+        ];
+        for (what, bms, want, want_steps) in table {
+            let d = negotiate_with_bookmarks(&source, bms, &present, false);
+            assert_eq!(d, want, "{what}");
+            let st = steps_with_bookmarks(&source, bms, &d);
+            assert_eq!(names(&st), want_steps, "{what}");
+            assert_eq!(
+                st.iter().map(|x| x.from_bookmark).collect::<Vec<_>>(),
+                (0..st.len()).map(|i| i == 0).collect::<Vec<_>>(),
+                "{what}: only the first step starts at the bookmark"
+            );
+        }
+        // A bookmark of an older target snapshot than its newest: diverged.
+        let old_bm = vec![s("a", 1, 10)];
+        assert!(matches!(
+            negotiate_with_bookmarks(&source, &old_bm, &present, false),
+            Decision::Full {
+                reason: FullReason::Diverged { .. },
+                ..
+            }
+        ));
+        // With the snapshot still there, the snapshot is the base (-I).
+        let with_snap = vec![s("b", 2, 20), s("c", 3, 30)];
+        let d = negotiate_with_bookmarks(&with_snap, &bookmarks, &present, false);
+        let st = steps_with_bookmarks(&with_snap, &bookmarks, &d);
+        assert_eq!(names(&st), vec![(Some("b".into()), "c".into())]);
+        assert!(!st[0].from_bookmark);
     }
 
     #[test]

@@ -7,10 +7,13 @@
 //!
 //! ```text
 //! client                                server
-//! Hello{version, run_id}         ->
+//! Hello{version, run_id, caps}   ->
 //!                                <-     HelloOk | Error
 //! Sync{path, snapshots, full}    ->
 //!                                <-     UpToDate | Incremental | New | Full | Refused
+//!                                       | Resume{token}
+//! ( ResumeFailed{reason}         ->     (a stale token: the receiver
+//!                                <-     discards it and answers as for Sync) )
 //! ( Stream{from_guid, to}        ->
 //!                                <-     Ready | StreamFailed
 //!   Data...  End{bytes} | Abort  ->
@@ -39,7 +42,8 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use crate::naming::{NameError, SnapName};
 use crate::zfs::Snapshot;
 
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: capabilities in the handshake, resumable streams, bookmarks.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted: 16 MiB (a sync request for a dataset with about
 /// 100 000 snapshots). Larger lengths are refused before any allocation.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -115,10 +119,20 @@ pub enum Message {
         /// lists its target tree once per run.
         run_id: String,
         software: String,
+        /// The local `zfs`'s version line and capabilities
+        /// ([`crate::caps::Caps`]); both ends use what both have.
+        #[serde(default)]
+        zfs: String,
+        #[serde(default)]
+        caps: Vec<String>,
     },
     HelloOk {
         version: u32,
         software: String,
+        #[serde(default)]
+        zfs: String,
+        #[serde(default)]
+        caps: Vec<String>,
     },
 
     // Negotiation, one dataset at a time.
@@ -127,6 +141,9 @@ pub enum Message {
         path: String,
         /// Oldest first.
         snapshots: Vec<WireSnap>,
+        /// The sender's bookmarks (OpenZFS): incremental bases only.
+        #[serde(default)]
+        bookmarks: Vec<WireSnap>,
         /// The sender runs with --full.
         allow_full: bool,
         /// Only say what would be done: no dataset is locked or created.
@@ -152,11 +169,25 @@ pub enum Message {
         /// Worth trying again later (busy), as opposed to a conflict.
         temporary: bool,
     },
+    /// A cut transfer left a resumable state: continue it with
+    /// `zfs send -t token` (only offered when both ends can).
+    Resume {
+        token: String,
+    },
+    /// The sender cannot resume (the token names a snapshot it no longer
+    /// has): the receiver discards the partial state and answers as for
+    /// the Sync.
+    ResumeFailed {
+        reason: String,
+    },
 
     // Streams.
     Stream {
         from_guid: Option<u64>,
         to: WireSnap,
+        /// The stream continues a cut one (`zfs send -t`).
+        #[serde(default)]
+        resume: bool,
     },
     /// The receiver accepted the stream header; data may follow.
     Ready,
@@ -219,6 +250,8 @@ impl Message {
             Message::New { .. } => "new",
             Message::Full { .. } => "full",
             Message::Refused { .. } => "refused",
+            Message::Resume { .. } => "resume",
+            Message::ResumeFailed { .. } => "resume_failed",
             Message::Stream { .. } => "stream",
             Message::Ready => "ready",
             Message::End { .. } => "end",
@@ -397,10 +430,14 @@ mod tests {
                 version: 1,
                 run_id: "r".into(),
                 software: "zfsync 0.1".into(),
+                zfs: "zfs-2.1.11-1".into(),
+                caps: vec!["send_c".into()],
             },
             Message::HelloOk {
                 version: 1,
                 software: "x".into(),
+                zfs: String::new(),
+                caps: vec![],
             },
             Message::Sync {
                 path: "/a/b".into(),
@@ -408,6 +445,11 @@ mod tests {
                     name: "s1".into(),
                     guid: u64::MAX,
                     createtxg: 7,
+                }],
+                bookmarks: vec![WireSnap {
+                    name: "s0".into(),
+                    guid: 3,
+                    createtxg: 5,
                 }],
                 allow_full: true,
                 dry_run: false,
@@ -435,7 +477,12 @@ mod tests {
                     guid: 1,
                     createtxg: 2,
                 },
+                resume: true,
             },
+            Message::Resume {
+                token: "1-abc".into(),
+            },
+            Message::ResumeFailed { reason: "x".into() },
             Message::Ready,
             Message::End { bytes: 5 },
             Message::Abort { reason: "x".into() },

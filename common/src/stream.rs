@@ -13,6 +13,12 @@
 //!   datasets, which could mount a replica anywhere or destroy datasets), its
 //!   END, then a first substream checked as above.
 //!
+//! A substream's BEGIN may carry a payload only in the two cases OpenZFS
+//! writes one: a resumed send (`zfs send -t`, feature flag RESUMING: the
+//! object and offset to go on from) and a raw send (`zfs send -w`, feature
+//! flag RAW: the wrapped encryption keys). Neither can name another dataset
+//! or set properties; a compound BEGIN's payload still never passes.
+//!
 //! Records are `dmu_replay_record_t`, 312 bytes, in the sending host's byte
 //! order (told by the magic number).
 
@@ -26,6 +32,13 @@ const DRR_BEGIN: u32 = 0;
 const DRR_END: u32 = 5;
 const DMU_SUBSTREAM: u64 = 1;
 const DMU_COMPOUNDSTREAM: u64 = 2;
+/// `DMU_BACKUP_FEATURE_RESUMING`, in `drr_versioninfo >> 2`.
+const FEATURE_RESUMING: u64 = 1 << 20;
+/// `DMU_BACKUP_FEATURE_RAW`.
+const FEATURE_RAW: u64 = 1 << 24;
+/// Largest substream payload accepted (resume state or wrapped keys are a
+/// few hundred bytes).
+const SUBSTREAM_PAYLOAD_MAX: u32 = 64 << 10;
 
 /// What a stream's head says, once it is accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +76,7 @@ impl Order {
 struct Begin {
     payload: u32,
     hdrtype: u64,
+    features: u64,
     to_guid: u64,
     from_guid: u64,
 }
@@ -88,11 +102,17 @@ fn begin(rec: &[u8], order: Option<Order>) -> Result<(Begin, Order), String> {
         Begin {
             payload: order.u32(rec, 4),
             hdrtype: order.u64(rec, 16) & 0x3,
+            features: (order.u64(rec, 16) >> 2) & 0x3fff_ffff,
             to_guid: order.u64(rec, 40),
             from_guid: order.u64(rec, 48),
         },
         order,
     ))
+}
+
+/// A substream payload from `zfs send -t` or `zfs send -w`.
+fn payload_allowed(b: &Begin) -> bool {
+    b.features & (FEATURE_RESUMING | FEATURE_RAW) != 0 && b.payload <= SUBSTREAM_PAYLOAD_MAX
 }
 
 /// Checks the head of a stream. `Ok(None)`: more bytes are needed (at most
@@ -108,7 +128,7 @@ pub fn check_head(
         return Ok(None);
     }
     let (first, order) = begin(&head[..RECORD], None)?;
-    if first.payload != 0 {
+    if first.payload != 0 && !(first.hdrtype == DMU_SUBSTREAM && payload_allowed(&first)) {
         return Err(format!(
             "the stream carries a {}-byte payload (properties or other datasets: zfs send -R or -p), which this receiver does not accept",
             first.payload
@@ -124,7 +144,7 @@ pub fn check_head(
                 return Err("a compound stream header without its END record".into());
             }
             let (sub, _) = begin(&head[2 * RECORD..HEAD_MAX], Some(order))?;
-            if sub.hdrtype != DMU_SUBSTREAM || sub.payload != 0 {
+            if sub.hdrtype != DMU_SUBSTREAM || (sub.payload != 0 && !payload_allowed(&sub)) {
                 return Err("a compound stream whose first part is not a plain substream".into());
             }
             (sub, true)
@@ -247,6 +267,28 @@ mod tests {
         let h = check_head(&s, 10, &[20, 30]).unwrap().unwrap();
         assert!(h.compound);
         assert_eq!(h.first_to_guid, 20);
+    }
+
+    #[test]
+    fn resumed_and_raw_substreams_may_carry_their_payload() {
+        for feature in [FEATURE_RESUMING, FEATURE_RAW] {
+            let r = rec_begin(200, DMU_SUBSTREAM | (feature << 2), 20, 10, false);
+            let h = check_head(&r, 10, &[20]).unwrap().unwrap();
+            assert_eq!(h.first_to_guid, 20);
+            let mut pkg = rec_begin(0, DMU_COMPOUNDSTREAM, 0, 0, false);
+            pkg.extend(rec_end());
+            pkg.extend(r);
+            assert!(check_head(&pkg, 10, &[20]).unwrap().is_some());
+            // Still checked: base and announced snapshot.
+            let r = rec_begin(200, DMU_SUBSTREAM | (feature << 2), 21, 10, false);
+            assert!(check_head(&r, 10, &[20]).is_err());
+            // A huge payload is not resume state.
+            let r = rec_begin(1 << 20, DMU_SUBSTREAM | (feature << 2), 20, 10, false);
+            assert!(check_head(&r, 10, &[20]).is_err());
+        }
+        // A compound header with the RAW flag still may not carry one.
+        let r = rec_begin(200, DMU_COMPOUNDSTREAM | (FEATURE_RAW << 2), 0, 0, false);
+        assert!(check_head(&[r, vec![0; 2 * RECORD]].concat(), 10, &[20]).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
 
+use crate::caps::{probe_shows, Cap, Caps};
 use crate::naming::{DatasetName, NameError, SnapName, SnapshotName};
 
 /// At most this much of a child's stderr is kept for the error message.
@@ -119,6 +120,12 @@ pub struct Dataset {
     pub props: BTreeMap<String, String>,
     /// Snapshots with holds (`userrefs` > 0), when `userrefs` was asked for.
     pub held: std::collections::BTreeSet<String>,
+    /// Bookmarks (OpenZFS), oldest first; `name` is the part after `#`.
+    pub bookmarks: Vec<Snapshot>,
+    /// `receive_resume_token`: a cut `zfs receive -s` left partial state.
+    pub resume_token: Option<String>,
+    /// `encryption` is on (OpenZFS): sent raw (`-w`) or not at all.
+    pub encrypted: bool,
 }
 
 impl Dataset {
@@ -142,6 +149,8 @@ struct Props {
     kind: Option<String>,
     user: BTreeMap<String, String>,
     held: bool,
+    resume_token: Option<String>,
+    encrypted: bool,
 }
 
 /// Parses `zfs get -H -p -o name,property,value guid,createtxg,type` output.
@@ -170,6 +179,12 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
             }
             "type" => p.kind = Some(value.to_string()),
             "userrefs" => p.held = value.parse::<u64>().is_ok_and(|n| n > 0),
+            "receive_resume_token" => {
+                if value != "-" && !value.is_empty() {
+                    p.resume_token = Some(value.to_string());
+                }
+            }
+            "encryption" => p.encrypted = !matches!(value, "off" | "-" | ""),
             // A user property; "-" means not set. Only a value set on the
             // dataset itself counts: user properties are inherited, and a
             // child must not take its parent's confirmation for its own.
@@ -183,6 +198,7 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
     }
     let mut tree = Tree::default();
     let mut snaps: Vec<(DatasetName, Snapshot, bool)> = Vec::new();
+    let mut bookmarks: Vec<(DatasetName, Snapshot)> = Vec::new();
     for (name, p) in props {
         let (Some(guid), Some(createtxg), Some(kind)) = (p.guid, p.createtxg, p.kind) else {
             return Err(ZfsError::Parse {
@@ -191,7 +207,17 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
             });
         };
         let checked: Result<(), NameError> = (|| {
-            if kind == "snapshot" {
+            if kind == "bookmark" {
+                let (ds, bm) = name.split_once('#').ok_or(NameError::Empty)?;
+                bookmarks.push((
+                    DatasetName::new(ds)?,
+                    Snapshot {
+                        name: SnapName::new(bm)?,
+                        guid,
+                        createtxg,
+                    },
+                ));
+            } else if kind == "snapshot" {
                 let s = SnapshotName::new(name)?;
                 snaps.push((
                     s.dataset(),
@@ -213,6 +239,9 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
                         snapshots: Vec::new(),
                         props: p.user.clone(),
                         held: Default::default(),
+                        bookmarks: Vec::new(),
+                        resume_token: p.resume_token.clone(),
+                        encrypted: p.encrypted,
                     },
                 );
             }
@@ -230,8 +259,14 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
             d.snapshots.push(snap);
         }
     }
+    for (ds, bm) in bookmarks {
+        if let Some(d) = tree.datasets.get_mut(&ds) {
+            d.bookmarks.push(bm);
+        }
+    }
     for d in tree.datasets.values_mut() {
         d.snapshots.sort_by_key(|s| s.createtxg);
+        d.bookmarks.sort_by_key(|s| s.createtxg);
     }
     Ok(tree)
 }
@@ -240,15 +275,51 @@ fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
 
+/// What a listing asks for beyond guid, createtxg and type; what the local
+/// `zfs` cannot answer is left out (see [`ListExtras::for_caps`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListExtras {
+    /// Bookmarks too (`-t filesystem,volume,snapshot,bookmark`).
+    pub bookmarks: bool,
+    /// `receive_resume_token`.
+    pub resume_token: bool,
+    /// `encryption`.
+    pub encryption: bool,
+}
+
+impl ListExtras {
+    pub fn for_caps(caps: &Caps) -> ListExtras {
+        ListExtras {
+            bookmarks: caps.has(Cap::Bookmarks),
+            resume_token: caps.has(Cap::RecvResumable),
+            encryption: caps.has(Cap::SendRaw),
+        }
+    }
+}
+
 /// `zfs get` of guid, createtxg, type and the given user properties for
 /// whole trees, in one call.
-pub fn list_argv(roots: &[&DatasetName], depth: Option<u32>, user_props: &[&str]) -> Vec<OsString> {
+pub fn list_argv(
+    roots: &[&DatasetName],
+    depth: Option<u32>,
+    user_props: &[&str],
+    extras: ListExtras,
+) -> Vec<OsString> {
     let mut v = os(&["get", "-H", "-p"]);
     match depth {
         Some(d) => v.extend(os(&["-d", &d.to_string()])),
         None => v.push("-r".into()),
     }
+    if extras.bookmarks {
+        v.extend(os(&["-t", "filesystem,volume,snapshot,bookmark"]));
+    }
     let mut props = "guid,createtxg,type".to_string();
+    if extras.resume_token {
+        props.push_str(",receive_resume_token");
+    }
+    if extras.encryption {
+        props.push_str(",encryption");
+    }
     for p in user_props {
         props.push(',');
         props.push_str(p);
@@ -258,24 +329,132 @@ pub fn list_argv(roots: &[&DatasetName], depth: Option<u32>, user_props: &[&str]
     v
 }
 
-/// `zfs send [-I from] to`. `-I` so every intermediate snapshot travels.
-pub fn send_argv(from: Option<&SnapshotName>, to: &SnapshotName) -> Vec<OsString> {
+/// Where an incremental stream starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendFrom {
+    /// `-I snap`: every snapshot in between travels too.
+    Snapshot(SnapshotName),
+    /// `-i ds#bookmark`: from a bookmark, to one snapshot (zfs has no `-I`
+    /// from a bookmark).
+    Bookmark(String),
+}
+
+/// What to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendWhat {
+    /// `zfs send [FLAGS] [-I from | -i #bookmark] to`.
+    Snapshot {
+        from: Option<SendFrom>,
+        to: SnapshotName,
+    },
+    /// `zfs send [FLAGS] -t TOKEN`: continue a cut transfer.
+    Resume { token: String },
+}
+
+/// `zfs send` with the stream flags both ends support (`-L -e -c`, or
+/// `-w` for an encrypted dataset; see [`crate::caps::SendPath`]).
+pub fn send_argv(what: &SendWhat, flags: &[&str]) -> Vec<OsString> {
     let mut v = os(&["send"]);
-    if let Some(from) = from {
-        v.extend(os(&["-I", from.as_str()]));
+    v.extend(os(flags));
+    match what {
+        SendWhat::Snapshot { from, to } => {
+            match from {
+                Some(SendFrom::Snapshot(s)) => v.extend(os(&["-I", s.as_str()])),
+                Some(SendFrom::Bookmark(b)) => v.extend(os(&["-i", b])),
+                None => {}
+            }
+            v.push(to.as_str().into());
+        }
+        SendWhat::Resume { token } => v.extend(os(&["-t", token])),
     }
-    v.push(to.as_str().into());
     v
 }
 
-/// `zfs receive -u [-F] dest`. `-u`: a replica is never mounted by the
-/// receive. `-F` only for a full stream into an existing dataset that has no
-/// snapshots (`--full`); incrementals are received without it after a
-/// `zfs rollback` to the newest snapshot, which cannot destroy snapshots.
-pub fn receive_argv(dest: &DatasetName, force: bool) -> Vec<OsString> {
+/// A receive-side property option (`--recv-option`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecvOption {
+    /// `-o PROP=VALUE`
+    Set(String, String),
+    /// `-x PROP`
+    Exclude(String),
+}
+
+impl RecvOption {
+    /// Parses `-o PROP=VALUE`, `-x PROP`, `o:PROP=VALUE` or `x:PROP`.
+    pub fn parse(s: &str) -> Result<RecvOption, String> {
+        let s = s.trim();
+        let (kind, rest) = if let Some(r) = s.strip_prefix("-o").or_else(|| s.strip_prefix("o:")) {
+            ('o', r.trim())
+        } else if let Some(r) = s.strip_prefix("-x").or_else(|| s.strip_prefix("x:")) {
+            ('x', r.trim())
+        } else {
+            return Err(format!(
+                "'{s}': a receive option is '-o PROPERTY=VALUE' or '-x PROPERTY' (for example --recv-option '-o readonly=on' --recv-option '-x mountpoint')"
+            ));
+        };
+        let valid_prop = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 256
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "_:.-".contains(c))
+                && !p.starts_with('-')
+        };
+        match kind {
+            'o' => {
+                let (p, v) = rest.split_once('=').ok_or_else(|| {
+                    format!("'{s}': -o needs PROPERTY=VALUE, for example '-o readonly=on'")
+                })?;
+                if !valid_prop(p) {
+                    return Err(format!("'{s}': '{p}' is not a property name"));
+                }
+                if v.is_empty() || v.len() > 1024 || v.chars().any(|c| c.is_control()) {
+                    return Err(format!("'{s}': the value must be 1 to 1024 printable characters"));
+                }
+                Ok(RecvOption::Set(p.to_string(), v.to_string()))
+            }
+            _ => {
+                if !valid_prop(rest) {
+                    return Err(format!("'{s}': '{rest}' is not a property name"));
+                }
+                Ok(RecvOption::Exclude(rest.to_string()))
+            }
+        }
+    }
+
+    pub fn args(&self) -> [String; 2] {
+        match self {
+            RecvOption::Set(p, v) => ["-o".into(), format!("{p}={v}")],
+            RecvOption::Exclude(p) => ["-x".into(), p.clone()],
+        }
+    }
+}
+
+/// How a stream is received.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecvSpec {
+    /// `-F`: only for a full stream into an existing dataset that has no
+    /// snapshots (`--full`).
+    pub force: bool,
+    /// `-s`: a cut receive keeps a resume token.
+    pub resumable: bool,
+    /// `-o`/`-x` (`--recv-option`).
+    pub options: Vec<RecvOption>,
+}
+
+/// `zfs receive -u [-s] [-F] [-o ..] [-x ..] dest`. `-u`: a replica is never
+/// mounted by the receive. `-F` only for a full stream into an existing
+/// dataset that has no snapshots (`--full`); incrementals are received
+/// without it after a `zfs rollback` to the newest snapshot, which cannot
+/// destroy snapshots.
+pub fn receive_argv(dest: &DatasetName, spec: &RecvSpec) -> Vec<OsString> {
     let mut v = os(&["receive", "-u"]);
-    if force {
+    if spec.resumable {
+        v.push("-s".into());
+    }
+    if spec.force {
         v.push("-F".into());
+    }
+    for o in &spec.options {
+        v.extend(o.args().iter().map(OsString::from));
     }
     v.push(dest.as_str().into());
     v
@@ -304,6 +483,54 @@ pub fn rollback_argv(snap: &SnapshotName) -> Vec<OsString> {
 
 pub fn set_argv(ds: &DatasetName, prop: &str, value: &str) -> Vec<OsString> {
     os(&["set", &format!("{prop}={value}"), ds.as_str()])
+}
+
+/// What a resume token continues (from `zfs send -nvP -t`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumeInfo {
+    /// 0 for a full stream.
+    pub from_guid: u64,
+    pub to_guid: u64,
+    /// `pool/ds@snap` on the sending side.
+    pub to_name: String,
+    /// Bytes already received, when the token says.
+    pub bytes_done: Option<u64>,
+    /// Bytes still to send (`-P` estimate), when printed.
+    pub bytes_left: Option<u64>,
+}
+
+/// Parses `zfs send -nvP -t TOKEN` output: the token's nvlist
+/// (`\ttoguid = 0x...`, `\ttoname = p/ds@s`) and the `size` line.
+pub fn parse_resume_info(text: &str) -> Option<ResumeInfo> {
+    let num = |v: &str| {
+        let v = v.trim();
+        match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).ok(),
+            None => v.parse().ok(),
+        }
+    };
+    let (mut from, mut to, mut name, mut done, mut left) = (None, None, None, None, None);
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some((k, v)) = t.split_once(" = ") {
+            match k.trim() {
+                "fromguid" => from = num(v),
+                "toguid" => to = num(v),
+                "toname" => name = Some(v.trim().to_string()),
+                "bytes" => done = num(v),
+                _ => {}
+            }
+        } else if let Some(v) = t.strip_prefix("size") {
+            left = num(v);
+        }
+    }
+    Some(ResumeInfo {
+        from_guid: from.unwrap_or(0),
+        to_guid: to?,
+        to_name: name?,
+        bytes_done: done,
+        bytes_left: left,
+    })
 }
 
 /// A running `zfs send` or `zfs receive` whose stderr is being collected.
@@ -369,6 +596,9 @@ async fn collect_stderr(mut r: impl tokio::io::AsyncRead + Unpin) -> String {
 #[derive(Clone, Debug)]
 pub struct Zfs {
     bin: PathBuf,
+    /// What this `zfs` can do ([`Zfs::probe`]); none until probed, which
+    /// keeps every call on the oldest common ground (zfs-fuse).
+    caps: Caps,
 }
 
 impl Default for Zfs {
@@ -381,7 +611,55 @@ impl Zfs {
     pub fn new(bin: impl AsRef<Path>) -> Self {
         Zfs {
             bin: bin.as_ref().to_path_buf(),
+            caps: Caps::default(),
         }
+    }
+
+    /// Probes what this `zfs` can do (see [`crate::caps`]) and keeps it:
+    /// listings then ask for bookmarks, resume tokens and encryption where
+    /// they exist. Harmless: every probe fails for a missing operand.
+    pub async fn probe(&mut self) -> Result<&Caps, ZfsError> {
+        let version = match self.output(&os(&["version"])).await? {
+            (_, out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or("OpenZFS")
+                .trim()
+                .to_string(),
+            _ => "zfs-fuse or older (no `zfs version`)".to_string(),
+        };
+        let this: &Zfs = self;
+        let probes = Cap::ALL.map(|c| {
+            let args = os(c.probe_args());
+            async move {
+                let (_, out) = this.output(&args).await?;
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Ok::<_, ZfsError>((c, probe_shows(&text)))
+            }
+        });
+        let mut found = Vec::new();
+        for r in futures::future::join_all(probes).await {
+            let (c, yes) = r?;
+            if yes {
+                found.push(c);
+            }
+        }
+        self.caps = Caps::new(version, found);
+        Ok(&self.caps)
+    }
+
+    pub fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    /// Sets the capabilities without probing (tests, a stand-in `zfs`).
+    pub fn with_caps(mut self, caps: Caps) -> Self {
+        self.caps = caps;
+        self
     }
 
     fn show(&self, args: &[OsString]) -> String {
@@ -452,7 +730,7 @@ impl Zfs {
         depth: Option<u32>,
         user_props: &[&str],
     ) -> Result<Tree, ZfsError> {
-        let args = list_argv(roots, depth, user_props);
+        let args = list_argv(roots, depth, user_props, ListExtras::for_caps(&self.caps));
         let (argv, out) = self.output(&args).await?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
@@ -625,17 +903,85 @@ impl Zfs {
     }
 
     /// Starts `zfs send`; read the stream from [`ZfsChild::take_stdout`].
-    pub fn spawn_send(
-        &self,
-        from: Option<&SnapshotName>,
-        to: &SnapshotName,
-    ) -> Result<ZfsChild, ZfsError> {
-        self.spawn(&send_argv(from, to), false)
+    pub fn spawn_send(&self, what: &SendWhat, flags: &[&str]) -> Result<ZfsChild, ZfsError> {
+        self.spawn(&send_argv(what, flags), false)
+    }
+
+    /// `zfs send -n -v -P -t TOKEN`: what a resume token continues, and
+    /// whether the snapshot it names is still here. Sends nothing.
+    pub async fn resume_info(&self, token: &str) -> Result<ResumeInfo, ZfsError> {
+        let args = os(&["send", "-n", "-v", "-P", "-t", token]);
+        let (argv, out) = self.output(&args).await?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            return Err(ZfsError::from_failure(&argv, out.status, text));
+        }
+        parse_resume_info(&text).ok_or_else(|| ZfsError::Parse {
+            line: text.lines().take(3).collect::<Vec<_>>().join(" | "),
+            reason: "no toguid/toname in the resume token's contents".into(),
+        })
     }
 
     /// Starts `zfs receive`; write the stream to [`ZfsChild::take_stdin`].
-    pub fn spawn_receive(&self, dest: &DatasetName, force: bool) -> Result<ZfsChild, ZfsError> {
-        self.spawn(&receive_argv(dest, force), true)
+    pub fn spawn_receive(&self, dest: &DatasetName, spec: &RecvSpec) -> Result<ZfsChild, ZfsError> {
+        self.spawn(&receive_argv(dest, spec), true)
+    }
+
+    /// `zfs receive -A dest`: discards the partial state of a cut
+    /// resumable receive.
+    pub async fn abort_resumable(&self, dest: &DatasetName) -> Result<(), ZfsError> {
+        self.run(&os(&["receive", "-A", dest.as_str()]))
+            .await
+            .map(drop)
+    }
+
+    /// Releases the hold `tag` on every snapshot under `root` that has it
+    /// (before zfsync itself destroys a tree it holds snapshots in). Needs
+    /// `zfs holds`; without it there is nothing to do.
+    pub async fn release_tag_under(&self, tag: &str, root: &DatasetName) -> Result<(), ZfsError> {
+        if !self.caps.has(Cap::HoldsList) {
+            return Ok(());
+        }
+        let listed = self
+            .run(&os(&["list", "-H", "-r", "-t", "snapshot", "-o", "name", root.as_str()]))
+            .await?;
+        let snaps: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
+        if snaps.is_empty() {
+            return Ok(());
+        }
+        let mut args = os(&["holds", "-H"]);
+        args.extend(snaps.iter().map(OsString::from));
+        let holds = self.run(&args).await?;
+        let mine: Vec<OsString> = holds
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                let (name, t) = (f.next()?, f.next()?);
+                (t == tag).then(|| OsString::from(name))
+            })
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let mut args = os(&["release", tag]);
+        args.extend(mine);
+        self.run(&args).await.map(drop)
+    }
+
+    /// `zfs bookmark ds@snap ds#name`.
+    pub async fn bookmark(&self, snap: &SnapshotName, name: &str) -> Result<(), ZfsError> {
+        let bm = format!("{}#{name}", snap.dataset());
+        self.run(&os(&["bookmark", snap.as_str(), &bm])).await.map(drop)
+    }
+
+    /// `zfs destroy ds#name` (a bookmark only: the name carries `#`).
+    pub async fn destroy_bookmark(&self, ds: &DatasetName, name: &str) -> Result<(), ZfsError> {
+        let bm = format!("{ds}#{name}");
+        self.run(&os(&["destroy", &bm])).await.map(drop)
     }
 }
 
@@ -687,6 +1033,83 @@ ptest1/a\x01b\ttype\tfilesystem
     }
 
     #[test]
+    fn resume_token_contents_are_parsed() {
+        let out = "resume token contents:
+nvlist version: 0
+\tfromguid = 0x5b7c5ef4b1d8a2f3
+\tobject = 0x3
+\toffset = 0x2e40000
+\tbytes = 0x2e6d8e0
+\ttoguid = 0x1c9f0b6a4d2e8f11
+\ttoname = src/data@s3
+\tcompressok = 1
+incremental\tsrc/data@s2\tsrc/data@s3\t161480704
+size\t161480704
+";
+        let r = parse_resume_info(out).unwrap();
+        assert_eq!(r.from_guid, 0x5b7c5ef4b1d8a2f3);
+        assert_eq!(r.to_guid, 0x1c9f0b6a4d2e8f11);
+        assert_eq!(r.to_name, "src/data@s3");
+        assert_eq!(r.bytes_done, Some(0x2e6d8e0));
+        assert_eq!(r.bytes_left, Some(161480704));
+        assert_eq!(parse_resume_info("cannot resume send: bad token\n"), None);
+    }
+
+    #[test]
+    fn receive_options_are_checked() {
+        assert_eq!(
+            RecvOption::parse("-o readonly=on"),
+            Ok(RecvOption::Set("readonly".into(), "on".into()))
+        );
+        assert_eq!(
+            RecvOption::parse("x:mountpoint"),
+            Ok(RecvOption::Exclude("mountpoint".into()))
+        );
+        assert_eq!(
+            RecvOption::parse("-o com.example:owner=ops team"),
+            Ok(RecvOption::Set("com.example:owner".into(), "ops team".into()))
+        );
+        for bad in ["readonly=on", "-o readonly", "-o =on", "-x", "-x -F", "-o a=b\nc", "-o a b=c"] {
+            let bad = bad.replace("\\n", "\n");
+            let e = RecvOption::parse(&bad).unwrap_err();
+            assert!(e.contains('\''), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn bookmarks_resume_tokens_and_encryption_are_parsed() {
+        let out = "p/a\tguid\t1\t-
+p/a\tcreatetxg\t1\t-
+p/a\ttype\tfilesystem\t-
+p/a\treceive_resume_token\t1-e604ea4bf-e0-789c\t-
+p/a\tencryption\taes-256-gcm\t-
+p/a@s1\tguid\t3\t-
+p/a@s1\tcreatetxg\t3\t-
+p/a@s1\ttype\tsnapshot\t-
+p/a@s1\treceive_resume_token\t-\t-
+p/a@s1\tencryption\taes-256-gcm\t-
+p/a#s0\tguid\t2\t-
+p/a#s0\tcreatetxg\t2\t-
+p/a#s0\ttype\tbookmark\t-
+p/b\tguid\t5\t-
+p/b\tcreatetxg\t5\t-
+p/b\ttype\tfilesystem\t-
+p/b\treceive_resume_token\t-\t-
+p/b\tencryption\toff\tdefault
+";
+        let t = parse_get(out).unwrap();
+        let a = &t.datasets[&ds("p/a")];
+        assert_eq!(a.resume_token.as_deref(), Some("1-e604ea4bf-e0-789c"));
+        assert!(a.encrypted);
+        assert_eq!(a.bookmarks.len(), 1);
+        assert_eq!((a.bookmarks[0].name.as_str(), a.bookmarks[0].guid), ("s0", 2));
+        assert_eq!(a.snapshots.len(), 1);
+        let b = &t.datasets[&ds("p/b")];
+        assert!(!b.encrypted && b.resume_token.is_none());
+        assert!(t.skipped.is_empty());
+    }
+
+    #[test]
     fn inherited_user_properties_do_not_count() {
         let out = "p/a\tguid\t1\t-
 p/a\tcreatetxg\t1\t-
@@ -725,21 +1148,64 @@ p/a/b@s1\tuserrefs\t1\t-
     fn argv_builders() {
         let a = SnapshotName::new("p/a@s1").unwrap();
         let b = SnapshotName::new("p/a@s2").unwrap();
-        assert_eq!(strs(send_argv(None, &b)), ["send", "p/a@s2"]);
+        let snap = |to: &SnapshotName, from: Option<SendFrom>| SendWhat::Snapshot {
+            from,
+            to: to.clone(),
+        };
+        assert_eq!(strs(send_argv(&snap(&b, None), &[])), ["send", "p/a@s2"]);
         assert_eq!(
-            strs(send_argv(Some(&a), &b)),
+            strs(send_argv(&snap(&b, Some(SendFrom::Snapshot(a.clone()))), &[])),
             ["send", "-I", "p/a@s1", "p/a@s2"]
         );
         assert_eq!(
-            strs(receive_argv(&ds("q/a"), false)),
+            strs(send_argv(
+                &snap(&b, Some(SendFrom::Bookmark("p/a#s1".into()))),
+                &["-L", "-e", "-c"]
+            )),
+            ["send", "-L", "-e", "-c", "-i", "p/a#s1", "p/a@s2"]
+        );
+        assert_eq!(
+            strs(send_argv(&SendWhat::Resume { token: "1-abc".into() }, &["-w"])),
+            ["send", "-w", "-t", "1-abc"]
+        );
+        assert_eq!(
+            strs(receive_argv(&ds("q/a"), &RecvSpec::default())),
             ["receive", "-u", "q/a"]
         );
+        let spec = RecvSpec {
+            force: true,
+            resumable: true,
+            options: vec![
+                RecvOption::parse("-o readonly=on").unwrap(),
+                RecvOption::parse("-x mountpoint").unwrap(),
+            ],
+        };
         assert_eq!(
-            strs(receive_argv(&ds("q/a"), true)),
-            ["receive", "-u", "-F", "q/a"]
+            strs(receive_argv(&ds("q/a"), &spec)),
+            ["receive", "-u", "-s", "-F", "-o", "readonly=on", "-x", "mountpoint", "q/a"]
+        );
+        let extras = ListExtras {
+            bookmarks: true,
+            resume_token: true,
+            encryption: true,
+        };
+        assert_eq!(
+            strs(list_argv(&[&ds("p")], None, &[], extras)),
+            [
+                "get",
+                "-H",
+                "-p",
+                "-r",
+                "-t",
+                "filesystem,volume,snapshot,bookmark",
+                "-o",
+                "name,property,value,source",
+                "guid,createtxg,type,receive_resume_token,encryption",
+                "p"
+            ]
         );
         assert_eq!(
-            strs(list_argv(&[&ds("p"), &ds("q")], None, &[])),
+            strs(list_argv(&[&ds("p"), &ds("q")], None, &[], ListExtras::default())),
             [
                 "get",
                 "-H",
@@ -753,7 +1219,7 @@ p/a/b@s1\tuserrefs\t1\t-
             ]
         );
         assert_eq!(
-            strs(list_argv(&[&ds("p/a")], Some(1), &[]))[3..5],
+            strs(list_argv(&[&ds("p/a")], Some(1), &[], ListExtras::default()))[3..5],
             ["-d".to_string(), "1".to_string()]
         );
         assert_eq!(

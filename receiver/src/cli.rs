@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use zfsync_common::naming::DatasetName;
 use zfsync_common::protocol::DEFAULT_PORT;
 use zfsync_common::tls::{server_config, TlsFiles};
-use zfsync_common::zfs::Zfs;
+use zfsync_common::zfs::{RecvOption, Zfs};
 
 use crate::Options;
 
@@ -52,6 +52,13 @@ pub struct Args {
     /// The zfs binary.
     #[arg(long, value_name = "PATH", default_value = "zfs")]
     pub zfs: PathBuf,
+    /// A property option for every `zfs receive` (repeatable):
+    /// '-o PROPERTY=VALUE' sets it on the replicas, '-x PROPERTY' keeps the
+    /// sender's value out (for example --recv-option '-o readonly=on'
+    /// --recv-option '-x mountpoint'). Needs OpenZFS.
+    #[arg(long = "recv-option", value_name = "OPTION", allow_hyphen_values = true,
+          value_parser = parse_recv_option)]
+    pub recv_options: Vec<RecvOption>,
     /// Seconds a connected sender may stay silent.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub idle_timeout: u64,
@@ -67,6 +74,10 @@ pub struct Args {
     /// The dataset replicas are kept under (created if its parent exists).
     #[arg(value_name = "TARGET_DATASET")]
     pub target: String,
+}
+
+fn parse_recv_option(s: &str) -> Result<RecvOption, String> {
+    RecvOption::parse(s)
 }
 
 pub fn main() -> ExitCode {
@@ -144,6 +155,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tls: tls_rx,
             allow_clients: args.allow_client,
             mirror_retention: !args.keep_all_snapshots,
+            recv_options: args.recv_options,
             handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
             idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
             max_connections: args.max_connections.max(1),

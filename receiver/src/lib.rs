@@ -19,7 +19,8 @@ use tokio_util::task::TaskTracker;
 use zfsync_common::naming::DatasetName;
 use zfsync_common::protocol::{Connection, Message};
 use zfsync_common::tls::cert_names;
-use zfsync_common::zfs::{Zfs, ZfsError};
+use zfsync_common::caps::Cap;
+use zfsync_common::zfs::{RecvOption, Zfs, ZfsError};
 
 use crate::session::{Session, Shared};
 use crate::state::Target;
@@ -33,6 +34,8 @@ pub struct Options {
     pub allow_clients: Vec<String>,
     /// Destroy tool snapshots the sender no longer has (off: keep all).
     pub mirror_retention: bool,
+    /// `-o`/`-x` for every `zfs receive` (`--recv-option`).
+    pub recv_options: Vec<RecvOption>,
     /// A TLS handshake must complete within this.
     pub handshake_timeout: Duration,
     /// Longest silence from a connected sender.
@@ -53,6 +56,12 @@ pub enum ServeError {
     },
     #[error("checking the target dataset: {0}")]
     Zfs(#[from] ZfsError),
+    #[error("--recv-option {option}: this zfs ({zfs}) has no `zfs receive {flag}`; remove the option, or run the receiver on OpenZFS")]
+    Unsupported {
+        option: String,
+        flag: &'static str,
+        zfs: String,
+    },
 }
 
 /// Checks that the target can be received into: it exists, or its parent
@@ -83,7 +92,23 @@ pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    check_target(&opts.zfs, &opts.target).await?;
+    let mut zfs = opts.zfs.clone();
+    let caps = zfs.probe().await?.clone();
+    tracing::info!("zfs capabilities: {caps}");
+    for o in &opts.recv_options {
+        let (cap, flag) = match o {
+            RecvOption::Set(..) => (Cap::RecvSetProp, "-o"),
+            RecvOption::Exclude(_) => (Cap::RecvExcludeProp, "-x"),
+        };
+        if !caps.has(cap) {
+            return Err(ServeError::Unsupported {
+                option: o.args().join(" "),
+                flag,
+                zfs: caps.version.clone(),
+            });
+        }
+    }
+    check_target(&zfs, &opts.target).await?;
     if let Ok(local) = listener.local_addr() {
         tracing::info!(
             "zfsync-recv listening on {local}, receiving into {}",
@@ -91,7 +116,8 @@ pub async fn run(
         );
     }
     let shared = Arc::new(Shared {
-        target: Target::new(opts.target.clone(), opts.zfs.clone(), opts.mirror_retention),
+        target: Target::new(opts.target.clone(), zfs, opts.mirror_retention)
+            .with_recv_options(opts.recv_options.clone()),
         allow_clients: opts.allow_clients.clone(),
     });
     let cancel = CancellationToken::new();

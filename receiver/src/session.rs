@@ -11,19 +11,20 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use zfsync_common::caps::{Cap, Caps};
 use zfsync_common::naming::{is_reserved, DatasetName, RelPath};
-use zfsync_common::plan::{mirror, negotiate, Decision, FullReason, TargetState};
+use zfsync_common::plan::{mirror, negotiate_with_bookmarks, Decision, FullReason, TargetState};
 use zfsync_common::protocol::{
     Connection, Frame, Message, PlaceFailure, ProtocolError, WireSnap, PROTOCOL_VERSION,
 };
 use zfsync_common::stream::{check_head, HEAD_MAX};
-use zfsync_common::zfs::{Snapshot, ZfsChild};
+use zfsync_common::zfs::{RecvSpec, Snapshot, ZfsChild};
 
 /// How long an aborted `zfs receive` may take to clean up before it is
 /// killed.
 const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-use crate::state::{is_replica, DatasetLock, Location, Target, REPLICA_PROP};
+use crate::state::{is_replica, DatasetLock, Location, Target, RECV_HOLD, REPLICA_PROP};
 
 /// How a dataset's streams are being received.
 enum Mode {
@@ -44,6 +45,8 @@ struct Planned {
     from_guid: u64,
     /// Full stream into an existing dataset without snapshots (`-F`).
     overwrite: bool,
+    /// Continues a cut stream (`zfs send -t` on the sender).
+    resume: bool,
 }
 
 /// The dataset a connection is working on, from `Sync` to `Finish`.
@@ -56,6 +59,19 @@ struct Open {
     mode: Mode,
     /// The sender's snapshots: a stream may only announce one of these.
     announced: Vec<Snapshot>,
+    /// The sender's bookmarks: possible bases.
+    bookmarks: Vec<Snapshot>,
+    /// A cut transfer's state was offered for resuming (`Resume`).
+    resume_offered: bool,
+}
+
+/// A sync request, kept while a `Resume` offer is open: a `ResumeFailed`
+/// is answered as this request would have been without the offer.
+struct SyncRequest {
+    path: String,
+    snapshots: Vec<WireSnap>,
+    bookmarks: Vec<WireSnap>,
+    allow_full: bool,
 }
 
 pub struct Session<'a, S> {
@@ -66,6 +82,11 @@ pub struct Session<'a, S> {
     open: Option<Open>,
     /// A connection asks for cleanbuffer once (it ends a run).
     cleaned: bool,
+    /// The sender's `zfs` and what it can do (from its Hello).
+    peer_caps: Caps,
+    /// The request a `Resume` answered, until the stream or a
+    /// `ResumeFailed`.
+    resume_request: Option<SyncRequest>,
 }
 
 fn refused(reason: impl Into<String>) -> Message {
@@ -89,6 +110,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             cancel,
             open: None,
             cleaned: false,
+            peer_caps: Caps::default(),
+            resume_request: None,
         }
     }
 
@@ -120,7 +143,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     async fn serve_inner(&mut self) -> Result<(), ProtocolError> {
         match self.next_frame().await? {
             Some(Frame::Msg(Message::Hello {
-                version, run_id, ..
+                version,
+                run_id,
+                zfs,
+                caps,
+                ..
             })) => {
                 if version != PROTOCOL_VERSION {
                     return Err(ProtocolError::Unexpected {
@@ -137,10 +164,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         "the receiver cannot list its target: {e}"
                     )));
                 }
+                if zfs.len() > 256 || caps.len() > 64 {
+                    return Err(ProtocolError::BadFrame("capabilities too long".into()));
+                }
+                self.peer_caps = Caps::from_names(&zfs, &caps);
+                tracing::debug!(peer = %self.peer, caps = %self.peer_caps, "sender's zfs");
+                let local = self.target.zfs.caps();
                 self.conn
                     .send(Message::HelloOk {
                         version: PROTOCOL_VERSION,
                         software: format!("zfsync {}", env!("CARGO_PKG_VERSION")),
+                        zfs: local.version.clone(),
+                        caps: local.names(),
                     })
                     .await?;
             }
@@ -167,20 +202,47 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 Message::Sync {
                     path,
                     snapshots,
+                    bookmarks,
                     allow_full,
                     dry_run,
                 } => {
                     self.abandon().await;
-                    self.sync(&path, &snapshots, allow_full, dry_run).await
+                    let req = SyncRequest {
+                        path,
+                        snapshots,
+                        bookmarks,
+                        allow_full,
+                    };
+                    let reply = self.sync(&req, dry_run, false).await;
+                    if matches!(reply, Message::Resume { .. }) && !dry_run {
+                        self.resume_request = Some(req);
+                    }
+                    reply
                 }
-                Message::Stream { from_guid, to } => {
+                Message::ResumeFailed { reason } => {
+                    let Some(req) = self.resume_request.take() else {
+                        return Err(ProtocolError::Unexpected {
+                            got: "resume_failed".into(),
+                            expected: "a resume offer first".into(),
+                        });
+                    };
+                    tracing::warn!(peer = %self.peer, path = %req.path, "the sender cannot resume: {reason}; discarding the partial receive and planning again");
+                    self.abandon().await;
+                    self.sync(&req, false, true).await
+                }
+                Message::Stream {
+                    from_guid,
+                    to,
+                    resume,
+                } => {
+                    self.resume_request = None;
                     if self.open.is_none() {
                         return Err(ProtocolError::Unexpected {
                             got: "stream".into(),
                             expected: "sync first".into(),
                         });
                     }
-                    match self.check_stream(from_guid, &to) {
+                    match self.check_stream(from_guid, &to, resume) {
                         Err(reason) => Message::StreamFailed { reason },
                         Ok(plan) => {
                             self.conn.send(Message::Ready).await?;
@@ -237,7 +299,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             if let Mode::Replace { .. } = open.mode {
                 if self.target.exists(&open.dest) {
                     tracing::info!(dest = %open.dest, "removing an unfinished replacement");
-                    match self.target.zfs.destroy_recursive(&open.dest).await {
+                    match self.target.destroy_tree(&open.dest).await {
                         Ok(()) => self.target.destroyed(&open.dest),
                         Err(e) => tracing::warn!("cannot remove {}: {e}", open.dest),
                     }
@@ -262,13 +324,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
-    async fn sync(
-        &mut self,
-        path: &str,
-        snapshots: &[WireSnap],
-        allow_full: bool,
-        dry_run: bool,
-    ) -> Message {
+    /// Answers a sync request. `discard_resume`: the sender could not use
+    /// the resume offer, so a partial state is thrown away (`receive -A`).
+    async fn sync(&mut self, req: &SyncRequest, dry_run: bool, discard_resume: bool) -> Message {
+        let (path, snapshots, allow_full) = (&req.path, &req.snapshots, req.allow_full);
         let rel = match RelPath::new(path) {
             Ok(r) => r,
             Err(e) => {
@@ -294,6 +353,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             }
         }
         snaps.sort_by_key(|s| s.createtxg);
+        let mut bookmarks = Vec::with_capacity(req.bookmarks.len());
+        for b in &req.bookmarks {
+            match b.validate() {
+                Ok(b) => bookmarks.push(b),
+                Err(e) => return refused(format!("invalid bookmark name for {rel}: {e}")),
+            }
+        }
+        bookmarks.sort_by_key(|s| s.createtxg);
         if snaps.is_empty() {
             return refused(format!("{rel} has no snapshots to send"));
         }
@@ -311,10 +378,51 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             };
             Some(lock)
         };
-        let location = match self.target.locate(&rel) {
+        let mut location = match self.target.locate(&rel) {
             Ok(l) => l,
             Err(e) => return refused(format!("{rel}: {e}")),
         };
+        // A transfer cut last time left a resumable state.
+        if let Location::InPlace(d) | Location::Buffered(d) = &location {
+            if let Some(token) = d.resume_token.clone() {
+                let can = self.peer_caps.has(Cap::SendResume)
+                    && self.target.zfs.caps().can_receive_resumable();
+                if can && !discard_resume {
+                    if let Some(lock) = lock {
+                        tracing::info!(peer = %self.peer, %rel, dest = %d.name, "offering to resume a cut transfer");
+                        self.open = Some(Open {
+                            rel: rel.clone(),
+                            _lock: lock,
+                            dest: d.name.clone(),
+                            buffered: matches!(location, Location::Buffered(_)),
+                            mode: Mode::Direct,
+                            announced: snaps,
+                            bookmarks,
+                            resume_offered: true,
+                        });
+                    }
+                    return Message::Resume { token };
+                }
+                if dry_run {
+                    return refused(format!(
+                        "{} holds a cut transfer that this sender cannot resume; a real run discards it (zfs receive -A) and sends again",
+                        d.name
+                    ));
+                }
+                let dest = d.name.clone();
+                tracing::info!(peer = %self.peer, %dest, "discarding the partial state of a cut transfer (zfs receive -A)");
+                if let Err(e) = self.target.zfs.abort_resumable(&dest).await {
+                    return refused(format!(
+                        "{dest} holds a cut transfer that cannot be discarded: {e}; run `zfs receive -A {dest}` by hand"
+                    ));
+                }
+                let _ = self.target.refresh(&dest).await;
+                location = match self.target.locate(&rel) {
+                    Ok(l) => l,
+                    Err(e) => return refused(format!("{rel}: {e}")),
+                };
+            }
+        }
         let (state, current, buffered) = match &location {
             Location::InPlace(d) => (
                 TargetState::Present {
@@ -338,7 +446,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 !parent_present,
             ),
         };
-        let decision = negotiate(&snaps, &state, allow_full);
+        let decision = negotiate_with_bookmarks(&snaps, &bookmarks, &state, allow_full);
         tracing::debug!(peer = %self.peer, %rel, ?decision, dry_run, "negotiated");
         if dry_run {
             // The answer alone: nothing is created, locked or destroyed.
@@ -366,6 +474,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             buffered,
             mode,
             announced: snaps.clone(),
+            bookmarks: bookmarks.clone(),
+            resume_offered: false,
         };
         match decision {
             Decision::NoSnapshots => refused(format!("{rel} has no snapshots to send")),
@@ -444,7 +554,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                             "{temp} is left from an interrupted replacement and holds datasets of the old copy; move them back under {replaces} by hand (zfs list -r {temp}), then destroy {temp}"
                         ));
                     }
-                    if let Err(e) = self.target.zfs.destroy_recursive(&temp).await {
+                    if let Err(e) = self.target.destroy_tree(&temp).await {
                         return refused(format!("cannot remove the stale {temp}: {e}"));
                     }
                     self.target.destroyed(&temp);
@@ -463,7 +573,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// destination: the snapshot must be one the sender announced, and the
     /// stream must start from the destination's newest snapshot (or from
     /// nothing for a new dataset).
-    fn check_stream(&self, from_guid: Option<u64>, to: &WireSnap) -> Result<Planned, String> {
+    fn check_stream(
+        &self,
+        from_guid: Option<u64>,
+        to: &WireSnap,
+        resume: bool,
+    ) -> Result<Planned, String> {
         let open = self.open.as_ref().ok_or("no dataset in progress")?;
         let to = to
             .validate()
@@ -471,19 +586,26 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         if !open.announced.contains(&to) {
             return Err(format!("@{} was not in the sync request", to.name));
         }
+        if resume != open.resume_offered {
+            return Err(if resume {
+                "a resumed stream, but no resume was offered".into()
+            } else {
+                format!("{} holds a cut transfer: resume it first", open.dest)
+            });
+        }
         let newest = self.target.newest(&open.dest);
         let exists = self.target.exists(&open.dest);
+        let planned = |from_guid, overwrite| Planned {
+            to: to.clone(),
+            from_guid,
+            overwrite,
+            resume,
+        };
         match (from_guid, exists, newest) {
-            (None, false, _) => Ok(Planned {
-                to,
-                from_guid: 0,
-                overwrite: false,
-            }),
-            (None, true, None) if matches!(open.mode, Mode::Overwrite) => Ok(Planned {
-                to,
-                from_guid: 0,
-                overwrite: true,
-            }),
+            (None, false, _) => Ok(planned(0, false)),
+            // A cut full stream: the dataset exists, with no snapshot yet.
+            (None, true, None) if resume => Ok(planned(0, false)),
+            (None, true, None) if matches!(open.mode, Mode::Overwrite) => Ok(planned(0, true)),
             (None, true, _) => Err(format!(
                 "{} exists: a full stream cannot be received into it",
                 open.dest
@@ -494,15 +616,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             )),
             (Some(g), true, Some(n)) if n.guid == g => {
                 // createtxg differs between pools: compare the sender's own.
-                let base = open.announced.iter().find(|s| s.guid == g);
+                // The base may be one of the sender's bookmarks.
+                let base = open
+                    .announced
+                    .iter()
+                    .chain(&open.bookmarks)
+                    .find(|s| s.guid == g);
                 if base.is_none_or(|b| to.createtxg <= b.createtxg) {
                     return Err(format!("@{} is not newer than @{}", to.name, n.name));
                 }
-                Ok(Planned {
-                    to,
-                    from_guid: g,
-                    overwrite: false,
-                })
+                Ok(planned(g, false))
             }
             (Some(_), true, _) => Err(format!(
                 "the stream's base is not the newest snapshot of {}",
@@ -518,7 +641,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// can never drop a snapshot.
     async fn start_receive(&self, dest: &DatasetName, plan: &Planned) -> Result<ZfsChild, String> {
         let zfs = &self.target.zfs;
-        if plan.from_guid != 0 {
+        // A resumed stream goes on into the saved partial state: nothing
+        // may be rolled back under it.
+        if plan.from_guid != 0 && !plan.resume {
             // Fresh, not from the cache: another run may have moved on.
             let fresh = self.target.refresh(dest).await.map_err(|e| e.to_string())?;
             let newest = fresh.as_ref().and_then(|d| d.snapshots.last());
@@ -540,8 +665,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 tracing::debug!(%dest, "unmount before the overwrite: {e}");
             }
         }
-        zfs.spawn_receive(dest, plan.overwrite)
-            .map_err(|e| e.to_string())
+        let spec = RecvSpec {
+            force: plan.overwrite,
+            // A cut transfer keeps what arrived (OpenZFS): the next run
+            // goes on from there. Never for -F: a partial overwrite must
+            // not linger over the existing dataset.
+            resumable: zfs.caps().can_receive_resumable() && !plan.overwrite,
+            options: self.target.recv_options.clone(),
+        };
+        zfs.spawn_receive(dest, &spec).map_err(|e| e.to_string())
     }
 
     /// Pipes one stream into `zfs receive`. The head of the stream is
@@ -654,6 +786,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                                 if plan.from_guid == 0 && !plan.overwrite {
                                     self.never_automount(&dest).await;
                                 }
+                                self.move_hold(&dest, plan.from_guid, &plan.to).await;
                                 tracing::info!(peer = %self.peer, %dest, snapshot = %plan.to.name, bytes, "received");
                                 Message::Received { bytes }
                             }
@@ -686,6 +819,36 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         expected: "stream data, end or abort".into(),
                     });
                 }
+            }
+        }
+    }
+
+    /// Holds the snapshot just received (the base of the next incremental)
+    /// and releases the hold on the previous base, so that neither a person
+    /// nor another tool destroys it by accident. Only where `zfs holds`
+    /// exists (OpenZFS): without it the receiver could not find its own
+    /// holds again before destroying a tree it made.
+    async fn move_hold(&self, dest: &DatasetName, from_guid: u64, to: &Snapshot) {
+        let zfs = &self.target.zfs;
+        if !(zfs.caps().has(Cap::Holds) && zfs.caps().has(Cap::HoldsList)) {
+            return;
+        }
+        let Ok(new) = dest.snapshot(&to.name) else {
+            return;
+        };
+        if let Err(e) = zfs.hold(false, RECV_HOLD, std::slice::from_ref(&new)).await {
+            tracing::warn!(%new, "cannot hold the received snapshot: {e}");
+            return;
+        }
+        let old = self.target.get(dest).and_then(|d| {
+            d.snapshots
+                .iter()
+                .find(|s| s.guid == from_guid && from_guid != 0)
+                .and_then(|s| dest.snapshot(&s.name).ok())
+        });
+        if let Some(old) = old {
+            if let Err(e) = zfs.hold(true, RECV_HOLD, std::slice::from_ref(&old)).await {
+                tracing::debug!(%old, "releasing the previous hold: {e}");
             }
         }
     }
@@ -788,7 +951,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 ));
             }
             // The old copy of a finished replacement whose destroy failed.
-            zfs.destroy_recursive(&parked)
+            self.target.destroy_tree(&parked)
                 .await
                 .map_err(|e| format!("cannot remove the stale {parked}: {e}"))?;
             self.target.destroyed(&parked);
@@ -865,7 +1028,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             }
         }
         if kept.is_empty() {
-            if let Err(e) = zfs.destroy_recursive(&parked).await {
+            if let Err(e) = self.target.destroy_tree(&parked).await {
                 tracing::warn!("the new copy is in place, but the old one at {parked} could not be destroyed: {e}");
             }
         } else {
@@ -1055,7 +1218,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 tracing::warn!(%ds, "orphaned, but not created by zfsync (or holds such a dataset): left alone");
                 continue;
             }
-            match self.target.zfs.destroy_recursive(ds).await {
+            match self.target.destroy_tree(ds).await {
                 Ok(()) => {
                     tracing::warn!(peer = %self.peer, %ds, "destroyed an orphaned replica (--delete-missing)");
                     self.target.destroyed(ds);

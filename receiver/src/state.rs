@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use zfsync_common::naming::{
     buffer_root, DatasetName, NameError, RelPath, FULL_SUFFIX, OLD_SUFFIX,
 };
-use zfsync_common::zfs::{Dataset, Snapshot, Zfs, ZfsError};
+use zfsync_common::zfs::{Dataset, RecvOption, Snapshot, Zfs, ZfsError};
 
 /// Where a relative path currently lives on the receiver.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +21,9 @@ pub enum Location {
 
 /// The user property that marks datasets zfsync created.
 pub const REPLICA_PROP: &str = "zfsync:replica";
+/// The receiver's hold on the newest snapshot it received of each dataset
+/// (the base of the next incremental), on OpenZFS.
+pub const RECV_HOLD: &str = "zfsync_recv";
 
 pub struct Target {
     pub name: DatasetName,
@@ -28,6 +31,8 @@ pub struct Target {
     pub mirror: bool,
     pub buffer: DatasetName,
     pub zfs: Zfs,
+    /// `-o`/`-x` options for every `zfs receive`.
+    pub recv_options: Vec<RecvOption>,
     /// Cache of every dataset under the target and the buffer. Guarded by a
     /// std mutex: it is held only for map operations, never across `.await`.
     cache: Mutex<BTreeMap<DatasetName, Dataset>>,
@@ -71,10 +76,25 @@ impl Target {
             buffer: buffer_root(&name),
             name,
             zfs,
+            recv_options: Vec::new(),
             cache: Mutex::new(BTreeMap::new()),
             busy: Arc::new(Mutex::new(HashSet::new())),
             listed_run: tokio::sync::Mutex::new(None),
         }
+    }
+
+    pub fn with_recv_options(mut self, options: Vec<RecvOption>) -> Self {
+        self.recv_options = options;
+        self
+    }
+
+    /// Destroys a tree zfsync made, releasing the receiver's own holds in
+    /// it first (a held snapshot cannot be destroyed).
+    pub async fn destroy_tree(&self, ds: &DatasetName) -> Result<(), ZfsError> {
+        if let Err(e) = self.zfs.release_tag_under(RECV_HOLD, ds).await {
+            tracing::debug!(%ds, "releasing holds before destroying: {e}");
+        }
+        self.zfs.destroy_recursive(ds).await
     }
 
     /// Lists the target and buffer trees in one `zfs` call, unless this run
@@ -285,6 +305,9 @@ mod tests {
             snapshots: Vec::new(),
             props: Default::default(),
             held: Default::default(),
+            bookmarks: Vec::new(),
+            resume_token: None,
+            encrypted: false,
         }
     }
 

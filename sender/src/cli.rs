@@ -166,6 +166,8 @@ async fn run(args: Args) -> u8 {
             run_id: format!("{}-{nanos}", std::process::id()),
             connect_timeout: Duration::from_secs(20),
             read_timeout: Duration::from_secs(args.timeout.max(1)),
+            // Probed at the start of the run.
+            caps: Default::default(),
         },
         threads: args.threads.max(1),
         allow_full: args.full,

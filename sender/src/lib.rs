@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use zfsync_common::client::{CleanReport, Client, ClientError, ClientOptions};
-use zfsync_common::naming::{tool_snapshot, DatasetName, RelPath, SnapClass};
-use zfsync_common::plan::{steps, Decision, FullReason, Step};
+use zfsync_common::naming::{tool_snapshot, DatasetName, RelPath, SnapClass, SnapshotName};
+use zfsync_common::plan::{steps_with_bookmarks, Decision, FullReason, Step};
 use zfsync_common::protocol::Message;
-use zfsync_common::zfs::{Dataset, Zfs, ZfsError};
+use zfsync_common::zfs::{Dataset, SendFrom, SendWhat, Snapshot, Zfs, ZfsError};
 
 use crate::summary::{human_bytes, Outcome, SendKind, Status};
 
@@ -151,8 +151,13 @@ async fn list_jobs(
 /// (`--keep`). Errors only when nothing could be done at all (no source, no
 /// snapshot); per-dataset failures and an unreachable receiver are in the
 /// report, after retention ran: the confirmed base is never pruned.
-pub async fn run(opts: Options) -> Result<Report, SendError> {
+pub async fn run(mut opts: Options) -> Result<Report, SendError> {
     let started = Instant::now();
+    // What the local zfs can do decides the listing (bookmarks,
+    // encryption) and, with the receiver's answer, how streams travel.
+    let caps = opts.zfs.probe().await?.clone();
+    tracing::info!("zfs capabilities: {caps}");
+    opts.client.caps = caps;
     let mut report = Report {
         dry_run: opts.dry_run,
         ..Report::default()
@@ -168,7 +173,14 @@ pub async fn run(opts: Options) -> Result<Report, SendError> {
     // Connect the first worker before anything else, so that an unreachable
     // or refusing receiver is one clear error.
     let first = match Client::connect(&opts.client).await {
-        Ok(c) => c,
+        Ok(c) => {
+            tracing::info!(
+                "the receiver's zfs: {}; sending with {}",
+                c.peer_caps(),
+                c.path()
+            );
+            c
+        }
         Err(e) => {
             // Retention still runs: it keeps the last confirmed base.
             report.retention = retention::apply(&opts, &datasets, &[]).await;
@@ -357,15 +369,65 @@ async fn sync_one(
             lost,
         )
     };
-    let reply = if opts.dry_run {
-        client.plan(&job.rel, snaps, opts.allow_full).await
+    if job.dataset.encrypted && !client.path().raw {
+        return (
+            Status::Failed {
+                reason: format!(
+                    "{} is encrypted, and the receiver's zfs ({}) cannot receive raw streams (zfs send -w); zfsync never sends decrypted data: run the receiver on OpenZFS 0.8 or later",
+                    job.dataset.name,
+                    client.peer_caps().version
+                ),
+            },
+            false,
+        );
+    }
+    let bookmarks: &[Snapshot] = if client.path().bookmarks {
+        &job.dataset.bookmarks
     } else {
-        client.sync(&job.rel, snaps, opts.allow_full).await
+        &[]
     };
-    let reply = match reply {
+    let mut reply = match client
+        .sync_with(&job.rel, snaps, bookmarks, opts.allow_full, opts.dry_run)
+        .await
+    {
         Ok(r) => r,
         Err(e) => return failed(e),
     };
+    // A transfer cut in an earlier run: go on from where it stopped.
+    let mut resumed = 0u64;
+    if let Message::Resume { token } = &reply {
+        if opts.dry_run {
+            return (
+                Status::Planned {
+                    what: "would resume a cut transfer, then send what is newer".into(),
+                },
+                false,
+            );
+        }
+        let token = token.clone();
+        match resume(client, opts, job, &token).await {
+            Ok(bytes) => {
+                resumed = bytes;
+                reply = match client
+                    .sync_with(&job.rel, snaps, bookmarks, opts.allow_full, false)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => return failed(e),
+                };
+            }
+            Err(ResumeError::Stale(reason)) => {
+                tracing::warn!(dataset = %job.dataset.name, "cannot resume the cut transfer: {reason}; the receiver discards it and the dataset is planned again");
+                reply = match client.resume_failed(&reason).await {
+                    Ok(r) => r,
+                    Err(e) => return failed(e),
+                };
+            }
+            Err(ResumeError::Failed(reason, lost)) => {
+                return (Status::Failed { reason }, lost)
+            }
+        }
+    }
     let newest = snaps.last().map(|s| s.name.to_string()).unwrap_or_default();
     if opts.dry_run {
         let what = match &reply {
@@ -395,6 +457,21 @@ async fn sync_one(
         }
     }
     let (decision, kind, count) = match reply {
+        Message::UpToDate { snapshot } if resumed > 0 => {
+            return (
+                Status::Sent {
+                    kind: SendKind::Incremental,
+                    from: None,
+                    to: snapshot,
+                    snapshots: 1,
+                    bytes: resumed,
+                    buffered: false,
+                    placed: false,
+                    mirrored: 0,
+                },
+                false,
+            )
+        }
         Message::UpToDate { snapshot } => return (Status::UpToDate { snapshot }, false),
         Message::Incremental { base_guid, count } => (
             Decision::Incremental {
@@ -450,10 +527,10 @@ async fn sync_one(
             )
         }
     };
-    let plan = steps(snaps, &decision);
-    let mut bytes = 0u64;
+    let plan = steps_with_bookmarks(snaps, bookmarks, &decision);
+    let mut bytes = resumed;
     for step in &plan {
-        match send_step(client, opts, &job.dataset.name, step).await {
+        match send_step(client, opts, &job.dataset, step).await {
             Ok(n) => bytes += n,
             Err((reason, lost)) => return (Status::Failed { reason }, lost),
         }
@@ -466,7 +543,13 @@ async fn sync_one(
         Decision::Incremental { base_guid, .. } => snaps
             .iter()
             .find(|s| s.guid == *base_guid)
-            .map(|s| s.name.to_string()),
+            .map(|s| s.name.to_string())
+            .or_else(|| {
+                bookmarks
+                    .iter()
+                    .find(|b| b.guid == *base_guid)
+                    .map(|b| format!("#{}", b.name))
+            }),
         _ => None,
     };
     (
@@ -484,33 +567,138 @@ async fn sync_one(
     )
 }
 
+enum ResumeError {
+    /// The token cannot be used here (its snapshot is gone, it names
+    /// another dataset): the receiver discards the partial state.
+    Stale(String),
+    /// The resumed stream failed (reason, connection lost).
+    Failed(String, bool),
+}
+
+/// Continues a cut transfer with `zfs send -t TOKEN`, after checking that
+/// the token names a snapshot of this very dataset that was announced.
+async fn resume(
+    client: &mut Client,
+    opts: &Options,
+    job: &Job,
+    token: &str,
+) -> Result<u64, ResumeError> {
+    let info = opts
+        .zfs
+        .resume_info(token)
+        .await
+        .map_err(|e| ResumeError::Stale(e.to_string()))?;
+    let named = SnapshotName::new(&info.to_name)
+        .map_err(|e| ResumeError::Stale(format!("the token names {:?}: {e}", info.to_name)))?;
+    if named.dataset() != job.dataset.name {
+        return Err(ResumeError::Stale(format!(
+            "the token names {}, not a snapshot of {}",
+            info.to_name, job.dataset.name
+        )));
+    }
+    let Some(to) = job
+        .dataset
+        .snapshots
+        .iter()
+        .find(|s| s.guid == info.to_guid)
+    else {
+        return Err(ResumeError::Stale(format!(
+            "{} is no longer here (guid {})",
+            info.to_name, info.to_guid
+        )));
+    };
+    tracing::info!(
+        dataset = %job.dataset.name,
+        to = %to.name,
+        done = info.bytes_done.unwrap_or(0),
+        left = info.bytes_left.unwrap_or(0),
+        "resuming a cut transfer: {} already on the receiver, about {} to go",
+        human_bytes(info.bytes_done.unwrap_or(0)),
+        human_bytes(info.bytes_left.unwrap_or(0))
+    );
+    let from_guid = (info.from_guid != 0).then_some(info.from_guid);
+    let what = SendWhat::Resume {
+        token: token.to_string(),
+    };
+    let to_name = job
+        .dataset
+        .name
+        .snapshot(&to.name)
+        .map_err(|e| ResumeError::Failed(e.to_string(), false))?;
+    let bytes = pipe_stream(client, opts, &to_name, &what, &[], from_guid, to, true)
+        .await
+        .map_err(|(reason, lost)| ResumeError::Failed(reason, lost))?;
+    tracing::info!(dataset = %job.dataset.name, bytes, "resumed transfer complete");
+    Ok(bytes)
+}
+
 /// One `zfs send` piped to the receiver. Err carries (reason, connection
 /// lost).
 async fn send_step(
     client: &mut Client,
     opts: &Options,
-    dataset: &DatasetName,
+    dataset: &Dataset,
     step: &Step<'_>,
 ) -> Result<u64, (String, bool)> {
-    let name = |s: &zfsync_common::zfs::Snapshot| {
-        dataset
-            .snapshot(&s.name)
-            .map_err(|e| (e.to_string(), false))
-    };
-    let to = name(step.to)?;
+    let to = dataset
+        .name
+        .snapshot(&step.to.name)
+        .map_err(|e| (e.to_string(), false))?;
     let from = match step.from {
-        Some(f) => Some(name(f)?),
+        Some(f) if step.from_bookmark => Some(SendFrom::Bookmark(format!(
+            "{}#{}",
+            dataset.name, f.name
+        ))),
+        Some(f) => Some(SendFrom::Snapshot(
+            dataset
+                .name
+                .snapshot(&f.name)
+                .map_err(|e| (e.to_string(), false))?,
+        )),
         None => None,
     };
+    let flags = client.path().send_flags(dataset.encrypted);
+    let what = SendWhat::Snapshot {
+        from,
+        to: to.clone(),
+    };
+    pipe_stream(
+        client,
+        opts,
+        &to,
+        &what,
+        &flags,
+        step.from.map(|f| f.guid),
+        step.to,
+        false,
+    )
+    .await
+}
+
+/// Announces a stream, pipes `zfs send` into it and ends it. Err carries
+/// (reason, connection lost).
+#[allow(clippy::too_many_arguments)]
+async fn pipe_stream(
+    client: &mut Client,
+    opts: &Options,
+    to: &SnapshotName,
+    what: &SendWhat,
+    flags: &[&str],
+    from_guid: Option<u64>,
+    to_snap: &Snapshot,
+    resume: bool,
+) -> Result<u64, (String, bool)> {
     let lost = |e: ClientError| {
         let l = e.is_connection_lost();
         (e.to_string(), l)
     };
-    client
-        .begin_stream(step.from.map(|f| f.guid), step.to)
-        .await
-        .map_err(lost)?;
-    let mut child = match opts.zfs.spawn_send(from.as_ref(), &to) {
+    let announced = if resume {
+        client.begin_resume(from_guid, to_snap).await
+    } else {
+        client.begin_stream(from_guid, to_snap).await
+    };
+    announced.map_err(lost)?;
+    let mut child = match opts.zfs.spawn_send(what, flags) {
         Ok(c) => c,
         Err(e) => {
             let _ = client.abort_stream(&e.to_string()).await;
@@ -518,7 +706,7 @@ async fn send_step(
         }
     };
     let started = Instant::now();
-    tracing::info!(%to, from = ?from.as_ref().map(|f| f.to_string()), "sending");
+    tracing::info!(%to, argv = %child.argv(), "sending");
     let Some(mut stdout) = child.take_stdout() else {
         child.kill().await;
         let _ = client.abort_stream("zfs send has no stdout").await;

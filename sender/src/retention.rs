@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use zfsync_common::caps::Cap;
 use zfsync_common::naming::{DatasetName, SnapClass, SnapName};
 use zfsync_common::plan::prune;
 use zfsync_common::zfs::Dataset;
@@ -138,6 +139,35 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             if let Err(e) = zfs.hold(false, &tag, &held).await {
                 r.warnings
                     .push(format!("cannot hold @{name} (tag {tag}): {e}"));
+            }
+            // A bookmark of the confirmed base (OpenZFS) stays a base for
+            // the next incremental even if the snapshot is destroyed; the
+            // previous one of this receiver goes.
+            if zfs.caps().has(Cap::Bookmarks) {
+                let mark = format!("{tag}_{name}");
+                for s in &held {
+                    let ds = s.dataset();
+                    if let Err(e) = zfs.bookmark(s, &mark).await {
+                        r.warnings.push(format!("cannot bookmark {s}: {e}"));
+                        continue;
+                    }
+                    let stale = by_name.get(&ds).map(|d| {
+                        d.bookmarks
+                            .iter()
+                            .filter(|b| {
+                                b.name.as_str().starts_with(&format!("{tag}_"))
+                                    && b.name.as_str() != mark
+                            })
+                            .map(|b| b.name.to_string())
+                            .collect::<Vec<_>>()
+                    });
+                    for old in stale.unwrap_or_default() {
+                        if let Err(e) = zfs.destroy_bookmark(&ds, &old).await {
+                            r.warnings
+                                .push(format!("cannot destroy the old bookmark {ds}#{old}: {e}"));
+                        }
+                    }
+                }
             }
         }
         if let Err(e) = zfs.hold(true, &tag, &released).await {

@@ -269,6 +269,7 @@ impl Certs {
             run_id: run_id.into(),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            caps: Default::default(),
         }
     }
 
@@ -506,10 +507,18 @@ impl ZfsSpy {
         }
     }
 
+    /// The calls, without the capability probes each binary makes once
+    /// at start-up (`zfs version`, `zfs send -c` without operands, ...).
     pub fn calls(&self) -> Vec<String> {
+        let probes: Vec<String> = zfsync_common::caps::Cap::ALL
+            .iter()
+            .map(|c| c.probe_args().join(" "))
+            .chain(["version".to_string()])
+            .collect();
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
+            .filter(|l| !probes.iter().any(|p| p == l))
             .map(str::to_string)
             .collect()
     }
@@ -695,6 +704,114 @@ pub fn slow_zfs(dir: &TempDir) -> String {
     .expect("write slow zfs");
     run("chmod", &["+x", &script.to_string_lossy()]);
     script.to_string_lossy().into_owned()
+}
+
+/// A `--zfs` whose `zfs send` output passes in `chunk`-byte pieces every
+/// 50 ms, counting the pieces in `progress` (so a test can strike at a
+/// known point of a large stream).
+pub fn throttled_zfs(dir: &TempDir, chunk: usize, progress: &Path) -> String {
+    let script = dir.path().join("throttled-zfs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nset -o pipefail\nif [ \"$1\" = send ] && [ \"$2\" != -n ]; then\n  tmp=$(mktemp)\n  n=0\n  {zfs} \"$@\" | while :; do\n    dd bs={chunk} count=1 iflag=fullblock of=\"$tmp\" status=none || break\n    [ -s \"$tmp\" ] || break\n    cat \"$tmp\" || break\n    n=$((n+1)); echo $n > '{progress}'\n    sleep 0.05\n  done\n  rc=$?\n  rm -f \"$tmp\"\n  exit $rc\nfi\nexec {zfs} \"$@\"\n",
+            zfs = zfs_path(),
+            progress = progress.display(),
+        ),
+    )
+    .expect("write throttled zfs");
+    run("chmod", &["+x", &script.to_string_lossy()]);
+    script.to_string_lossy().into_owned()
+}
+
+/// A real OpenZFS (kernel module) is what runs here: the OpenZFS tier's
+/// tests fail, never skip, without it.
+pub fn ensure_openzfs() -> String {
+    ensure_zfs();
+    let (ok, out) = zfs_try(&["version"]);
+    assert!(
+        ok && out.contains("zfs-kmod"),
+        "these tests need OpenZFS with its kernel module (`zfs version` says: {out}); run them with `make test-openzfs`, which boots a VM that has it"
+    );
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+/// The OpenZFS VM of `scripts/openzfs-vm.sh`, seen from the host: `ssh`
+/// into it, and the host ports forwarded to its ports 9001..9004.
+pub struct Vm {
+    ssh: Vec<String>,
+    pub port_base: u16,
+}
+
+impl Vm {
+    /// From `ZFSYNC_VM_SSH` and `ZFSYNC_VM_PORT` (`scripts/openzfs-vm.sh env`).
+    pub fn from_env() -> Vm {
+        let ssh = std::env::var("ZFSYNC_VM_SSH").unwrap_or_default();
+        let port = std::env::var("ZFSYNC_VM_PORT").unwrap_or_default();
+        assert!(
+            !ssh.is_empty() && port.parse::<u16>().is_ok(),
+            "ZFSYNC_VM_SSH and ZFSYNC_VM_PORT are not set: run these tests with `make test-openzfs`, which boots the OpenZFS VM"
+        );
+        Vm {
+            ssh: ssh.split_whitespace().map(str::to_string).collect(),
+            port_base: port.parse().unwrap_or(0),
+        }
+    }
+
+    /// Runs a shell command in the VM: (success, stdout+stderr).
+    pub fn sh_try(&self, cmd: &str) -> (bool, String) {
+        let out = Command::new(&self.ssh[0])
+            .args(&self.ssh[1..])
+            .arg(cmd)
+            .output()
+            .expect("run ssh");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    #[track_caller]
+    pub fn sh(&self, cmd: &str) -> String {
+        let (ok, out) = self.sh_try(cmd);
+        assert!(ok, "in the VM, `{cmd}` failed: {out}");
+        out
+    }
+
+    /// Starts a command in the VM that runs until the returned child (the
+    /// ssh session) is killed.
+    pub fn spawn(&self, cmd: &str) -> Child {
+        Command::new(&self.ssh[0])
+            .args(&self.ssh[1..])
+            .arg(cmd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ssh")
+    }
+
+    /// Copies a local file into the VM.
+    pub fn put(&self, local: &Path, remote: &str) {
+        let data = std::fs::read(local).expect("read file to copy");
+        let mut child = Command::new(&self.ssh[0])
+            .args(&self.ssh[1..])
+            .arg(format!("mkdir -p \"$(dirname '{remote}')\" && cat > '{remote}' && chmod +x '{remote}'"))
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn ssh");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&data)
+            .expect("copy to the VM");
+        assert!(child.wait().expect("ssh").success(), "copying to {remote}");
+    }
 }
 
 /// The snapshots of one dataset, oldest first, as the sender sees them.
