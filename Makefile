@@ -5,6 +5,12 @@
 #   make build   release binaries: target/release/zfsync-send, zfsync-recv
 #   make test    the whole test suite (unit and end-to-end): cargo test --workspace,
 #                then one line of hardening figures
+#   make test-openzfs  the OpenZFS tier: boots a Debian VM with the OpenZFS
+#                kernel module under qemu (image built once, then cached in
+#                /var/tmp/zfsync-ozvm) and runs tests/openzfs.rs in it and
+#                against it (root; ZFS_SUITES="bookworm bookworm-backports"
+#                tests OpenZFS 2.1 and 2.3)
+#   make check-freebsd  cargo check for x86_64-unknown-freebsd
 #   make demo    replicate a sample tree between two throw-away pools (root)
 #   make certs   a CA and certificates in ./certs (RECEIVER=host names/IPs
 #                the sender connects to, default localhost)
@@ -14,7 +20,7 @@
 
 RECEIVER ?= localhost
 
-.PHONY: build test demo certs fmt lint clean
+.PHONY: build test test-openzfs check-freebsd demo certs fmt lint clean
 
 build:
 	cargo build --release
@@ -23,6 +29,13 @@ test:
 	rm -rf target/zfsync-figures
 	cargo test --workspace
 	@bash scripts/hardening-figures.sh target/zfsync-figures
+
+test-openzfs:
+	bash scripts/test-openzfs.sh
+
+check-freebsd:
+	rustup target add x86_64-unknown-freebsd
+	cargo check --workspace --all-targets --target x86_64-unknown-freebsd
 
 demo:
 	bash scripts/demo.sh

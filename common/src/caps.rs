@@ -259,13 +259,19 @@ mod tests {
     fn probe_outputs_are_classified() {
         // zfs-fuse
         assert!(!probe_shows("invalid option 'c'\nusage:\n"));
-        assert!(!probe_shows("unrecognized command 'bookmark'\nusage: zfs command args ...\n"));
-        assert!(!probe_shows("internal error: /usr/lib/zfs/pyzfs.py not found\n"));
+        assert!(!probe_shows(
+            "unrecognized command 'bookmark'\nusage: zfs command args ...\n"
+        ));
+        assert!(!probe_shows(
+            "internal error: /usr/lib/zfs/pyzfs.py not found\n"
+        ));
         assert!(probe_shows("missing snapshot argument\nusage:\n"));
         // OpenZFS
         assert!(probe_shows("missing argument for 't' option\nusage:\n"));
         assert!(probe_shows("missing receive resume token argument\n"));
-        assert!(probe_shows("cannot open '@': invalid character '@' in name\n"));
+        assert!(probe_shows(
+            "cannot open '@': invalid character '@' in name\n"
+        ));
     }
 
     #[test]

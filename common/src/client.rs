@@ -198,7 +198,8 @@ impl Client {
         snapshots: &[Snapshot],
         allow_full: bool,
     ) -> Result<Reply, ClientError> {
-        self.sync_request(path, snapshots, &[], allow_full, false).await
+        self.sync_request(path, snapshots, &[], allow_full, false)
+            .await
     }
 
     /// A sync request with the sender's bookmarks (incremental bases when

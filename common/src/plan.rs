@@ -115,11 +115,8 @@ pub fn negotiate_with_bookmarks(
     }
     // Newest target snapshot whose GUID the source also has (as a snapshot
     // or as a bookmark).
-    let guids: std::collections::HashSet<u64> = source
-        .iter()
-        .chain(bookmarks)
-        .map(|s| s.guid)
-        .collect();
+    let guids: std::collections::HashSet<u64> =
+        source.iter().chain(bookmarks).map(|s| s.guid).collect();
     let common = snapshots
         .iter()
         .enumerate()
@@ -155,10 +152,7 @@ pub fn negotiate_with_bookmarks(
             let Some(bm) = bookmarks.iter().find(|b| b.guid == common.guid) else {
                 return Decision::NoSnapshots;
             };
-            let count = source
-                .iter()
-                .filter(|s| s.createtxg > bm.createtxg)
-                .count();
+            let count = source.iter().filter(|s| s.createtxg > bm.createtxg).count();
             if count == 0 {
                 // The bookmark is newer than every snapshot: nothing to
                 // send from it.
@@ -533,7 +527,10 @@ mod tests {
                     base_guid: 2,
                     count: 2,
                 },
-                vec![(Some("b".into()), "c".into()), (Some("c".into()), "d".into())],
+                vec![
+                    (Some("b".into()), "c".into()),
+                    (Some("c".into()), "d".into()),
+                ],
             ),
             (
                 "no bookmark: nothing in common",

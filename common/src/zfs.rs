@@ -395,7 +395,8 @@ impl RecvOption {
         let valid_prop = |p: &str| {
             !p.is_empty()
                 && p.len() <= 256
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "_:.-".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_:.-".contains(c))
                 && !p.starts_with('-')
         };
         match kind {
@@ -407,7 +408,9 @@ impl RecvOption {
                     return Err(format!("'{s}': '{p}' is not a property name"));
                 }
                 if v.is_empty() || v.len() > 1024 || v.chars().any(|c| c.is_control()) {
-                    return Err(format!("'{s}': the value must be 1 to 1024 printable characters"));
+                    return Err(format!(
+                        "'{s}': the value must be 1 to 1024 printable characters"
+                    ));
                 }
                 Ok(RecvOption::Set(p.to_string(), v.to_string()))
             }
@@ -947,7 +950,16 @@ impl Zfs {
             return Ok(());
         }
         let listed = self
-            .run(&os(&["list", "-H", "-r", "-t", "snapshot", "-o", "name", root.as_str()]))
+            .run(&os(&[
+                "list",
+                "-H",
+                "-r",
+                "-t",
+                "snapshot",
+                "-o",
+                "name",
+                root.as_str(),
+            ]))
             .await?;
         let snaps: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
         if snaps.is_empty() {
@@ -975,7 +987,9 @@ impl Zfs {
     /// `zfs bookmark ds@snap ds#name`.
     pub async fn bookmark(&self, snap: &SnapshotName, name: &str) -> Result<(), ZfsError> {
         let bm = format!("{}#{name}", snap.dataset());
-        self.run(&os(&["bookmark", snap.as_str(), &bm])).await.map(drop)
+        self.run(&os(&["bookmark", snap.as_str(), &bm]))
+            .await
+            .map(drop)
     }
 
     /// `zfs destroy ds#name` (a bookmark only: the name carries `#`).
@@ -1067,9 +1081,20 @@ size\t161480704
         );
         assert_eq!(
             RecvOption::parse("-o com.example:owner=ops team"),
-            Ok(RecvOption::Set("com.example:owner".into(), "ops team".into()))
+            Ok(RecvOption::Set(
+                "com.example:owner".into(),
+                "ops team".into()
+            ))
         );
-        for bad in ["readonly=on", "-o readonly", "-o =on", "-x", "-x -F", "-o a=b\nc", "-o a b=c"] {
+        for bad in [
+            "readonly=on",
+            "-o readonly",
+            "-o =on",
+            "-x",
+            "-x -F",
+            "-o a=b\nc",
+            "-o a b=c",
+        ] {
             let bad = bad.replace("\\n", "\n");
             let e = RecvOption::parse(&bad).unwrap_err();
             assert!(e.contains('\''), "{bad:?}: {e}");
@@ -1102,7 +1127,10 @@ p/b\tencryption\toff\tdefault
         assert_eq!(a.resume_token.as_deref(), Some("1-e604ea4bf-e0-789c"));
         assert!(a.encrypted);
         assert_eq!(a.bookmarks.len(), 1);
-        assert_eq!((a.bookmarks[0].name.as_str(), a.bookmarks[0].guid), ("s0", 2));
+        assert_eq!(
+            (a.bookmarks[0].name.as_str(), a.bookmarks[0].guid),
+            ("s0", 2)
+        );
         assert_eq!(a.snapshots.len(), 1);
         let b = &t.datasets[&ds("p/b")];
         assert!(!b.encrypted && b.resume_token.is_none());
@@ -1154,7 +1182,10 @@ p/a/b@s1\tuserrefs\t1\t-
         };
         assert_eq!(strs(send_argv(&snap(&b, None), &[])), ["send", "p/a@s2"]);
         assert_eq!(
-            strs(send_argv(&snap(&b, Some(SendFrom::Snapshot(a.clone()))), &[])),
+            strs(send_argv(
+                &snap(&b, Some(SendFrom::Snapshot(a.clone()))),
+                &[]
+            )),
             ["send", "-I", "p/a@s1", "p/a@s2"]
         );
         assert_eq!(
@@ -1165,7 +1196,12 @@ p/a/b@s1\tuserrefs\t1\t-
             ["send", "-L", "-e", "-c", "-i", "p/a#s1", "p/a@s2"]
         );
         assert_eq!(
-            strs(send_argv(&SendWhat::Resume { token: "1-abc".into() }, &["-w"])),
+            strs(send_argv(
+                &SendWhat::Resume {
+                    token: "1-abc".into()
+                },
+                &["-w"]
+            )),
             ["send", "-w", "-t", "1-abc"]
         );
         assert_eq!(
@@ -1182,7 +1218,17 @@ p/a/b@s1\tuserrefs\t1\t-
         };
         assert_eq!(
             strs(receive_argv(&ds("q/a"), &spec)),
-            ["receive", "-u", "-s", "-F", "-o", "readonly=on", "-x", "mountpoint", "q/a"]
+            [
+                "receive",
+                "-u",
+                "-s",
+                "-F",
+                "-o",
+                "readonly=on",
+                "-x",
+                "mountpoint",
+                "q/a"
+            ]
         );
         let extras = ListExtras {
             bookmarks: true,
@@ -1205,7 +1251,12 @@ p/a/b@s1\tuserrefs\t1\t-
             ]
         );
         assert_eq!(
-            strs(list_argv(&[&ds("p"), &ds("q")], None, &[], ListExtras::default())),
+            strs(list_argv(
+                &[&ds("p"), &ds("q")],
+                None,
+                &[],
+                ListExtras::default()
+            )),
             [
                 "get",
                 "-H",
@@ -1219,7 +1270,12 @@ p/a/b@s1\tuserrefs\t1\t-
             ]
         );
         assert_eq!(
-            strs(list_argv(&[&ds("p/a")], Some(1), &[], ListExtras::default()))[3..5],
+            strs(list_argv(
+                &[&ds("p/a")],
+                Some(1),
+                &[],
+                ListExtras::default()
+            ))[3..5],
             ["-d".to_string(), "1".to_string()]
         );
         assert_eq!(

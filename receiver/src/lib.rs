@@ -16,10 +16,10 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use zfsync_common::caps::Cap;
 use zfsync_common::naming::DatasetName;
 use zfsync_common::protocol::{Connection, Message};
 use zfsync_common::tls::cert_names;
-use zfsync_common::caps::Cap;
 use zfsync_common::zfs::{RecvOption, Zfs, ZfsError};
 
 use crate::session::{Session, Shared};

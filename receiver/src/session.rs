@@ -951,7 +951,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 ));
             }
             // The old copy of a finished replacement whose destroy failed.
-            self.target.destroy_tree(&parked)
+            self.target
+                .destroy_tree(&parked)
                 .await
                 .map_err(|e| format!("cannot remove the stale {parked}: {e}"))?;
             self.target.destroyed(&parked);

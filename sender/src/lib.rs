@@ -423,9 +423,7 @@ async fn sync_one(
                     Err(e) => return failed(e),
                 };
             }
-            Err(ResumeError::Failed(reason, lost)) => {
-                return (Status::Failed { reason }, lost)
-            }
+            Err(ResumeError::Failed(reason, lost)) => return (Status::Failed { reason }, lost),
         }
     }
     let newest = snaps.last().map(|s| s.name.to_string()).unwrap_or_default();
@@ -645,10 +643,9 @@ async fn send_step(
         .snapshot(&step.to.name)
         .map_err(|e| (e.to_string(), false))?;
     let from = match step.from {
-        Some(f) if step.from_bookmark => Some(SendFrom::Bookmark(format!(
-            "{}#{}",
-            dataset.name, f.name
-        ))),
+        Some(f) if step.from_bookmark => {
+            Some(SendFrom::Bookmark(format!("{}#{}", dataset.name, f.name)))
+        }
         Some(f) => Some(SendFrom::Snapshot(
             dataset
                 .name

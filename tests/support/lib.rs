@@ -799,7 +799,9 @@ impl Vm {
         let data = std::fs::read(local).expect("read file to copy");
         let mut child = Command::new(&self.ssh[0])
             .args(&self.ssh[1..])
-            .arg(format!("mkdir -p \"$(dirname '{remote}')\" && cat > '{remote}' && chmod +x '{remote}'"))
+            .arg(format!(
+                "mkdir -p \"$(dirname '{remote}')\" && cat > '{remote}' && chmod +x '{remote}'"
+            ))
             .stdin(Stdio::piped())
             .spawn()
             .expect("spawn ssh");
