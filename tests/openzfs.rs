@@ -110,7 +110,11 @@ fn vm_capabilities_compressed_sends_holds_and_bookmarks() {
     let tag = format!("zfsync_127.0.0.1_{}", recv.port);
     for rel in ["", "/text", "/text/child"] {
         assert_eq!(holds(&format!("{dst}{rel}@s1")), ["zfsync_recv"], "{rel}");
-        assert_eq!(holds(&format!("{src}{rel}@s1")), std::slice::from_ref(&tag), "{rel}");
+        assert_eq!(
+            holds(&format!("{src}{rel}@s1")),
+            std::slice::from_ref(&tag),
+            "{rel}"
+        );
         assert_eq!(
             bookmarks(&format!("{src}{rel}")),
             [format!("{src}{rel}#{tag}_s1")],
@@ -128,7 +132,11 @@ fn vm_capabilities_compressed_sends_holds_and_bookmarks() {
     for rel in ["", "/text", "/text/child"] {
         assert_eq!(holds(&format!("{dst}{rel}@s2")), ["zfsync_recv"], "{rel}");
         assert!(holds(&format!("{dst}{rel}@s1")).is_empty(), "{rel}");
-        assert_eq!(holds(&format!("{src}{rel}@s2")), std::slice::from_ref(&tag), "{rel}");
+        assert_eq!(
+            holds(&format!("{src}{rel}@s2")),
+            std::slice::from_ref(&tag),
+            "{rel}"
+        );
         assert!(holds(&format!("{src}{rel}@s1")).is_empty(), "{rel}");
         assert_eq!(
             bookmarks(&format!("{src}{rel}")),
