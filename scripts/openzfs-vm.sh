@@ -118,8 +118,8 @@ start() {
             tail -30 "$RUN/console.log" >&2
             return 1
         fi
-        if [ $((SECONDS - t0)) -gt 180 ]; then
-            log "no 'OZVM: READY' after 180 s; console:"
+        if [ $((SECONDS - t0)) -gt 600 ]; then
+            log "no 'OZVM: READY' after 600 s; console:"
             tail -30 "$RUN/console.log" >&2
             stop
             return 1
@@ -133,7 +133,7 @@ start() {
         return 1
     fi
     until vm_ssh true 2>/dev/null; do
-        if [ $((SECONDS - t0)) -gt 240 ]; then
+        if [ $((SECONDS - t0)) -gt 660 ]; then
             log "ssh does not answer"
             stop
             return 1

@@ -537,10 +537,13 @@ fn cross_openzfs_sender_to_zfs_fuse_receiver() {
     let dst = b.ds("rep");
     // The host's loopback is 10.0.2.2 inside the VM (qemu user network).
     let recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    // ZPL version 4 (what zfs-fuse has): OpenZFS's default, 5, brings
+    // system attributes (the sa_spill stream feature) zfs-fuse cannot take.
     let pool = VmPool::new(&vm, "tofuse");
     let src = format!("{}/src", pool.name);
     vm.sh(&format!(
-        "zfs create {src} && zfs create {src}/plain && head -c 300000 /dev/urandom > /{src}/plain/f.bin \
+        "zfs create -o version=4 {src} && zfs create -o version=4 {src}/plain && head -c 300000 /dev/urandom > /{src}/plain/f.bin \
+         && zfs create -o version=5 {src}/modern \
          && echo 'correct horse battery staple' > /tmp/xkey \
          && zfs create -o encryption=on -o keyformat=passphrase -o keylocation=file:///tmp/xkey {src}/secret \
          && zfs snapshot -r {src}@s1"
@@ -560,11 +563,17 @@ fn cross_openzfs_sender_to_zfs_fuse_receiver() {
         out.contains("cannot receive raw streams (zfs send -w); zfsync never sends decrypted data"),
         "{out}"
     );
+    // A feature zfs-fuse lacks: the error names it.
+    assert!(
+        out.contains("the stream uses sa_spill (system attributes: a ZPL version 5 file system), which this receiver's zfs (zfs-fuse"),
+        "{out}"
+    );
     let theirs = vm_snapshot_guids(&vm, &src);
     let ours = snapshot_guids(&dst);
     for k in ["@s1", "/plain@s1"] {
         assert_eq!(ours.get(k), theirs.get(k), "{k}: {out}");
     }
     assert!(!ours.contains_key("/secret@s1"), "{ours:?}");
+    assert!(!ours.contains_key("/modern@s1"), "{ours:?}");
     assert!(!exists(&format!("{dst}/secret")));
 }

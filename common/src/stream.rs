@@ -47,6 +47,44 @@ pub struct Head {
     /// The first snapshot the stream creates.
     pub first_to_guid: u64,
     pub compound: bool,
+    /// The substream's feature flags (`DMU_BACKUP_FEATURE_*`).
+    pub features: u64,
+}
+
+/// Names of the stream feature flags, as OpenZFS defines them
+/// (`DMU_BACKUP_FEATURE_*` in zfs_ioctl.h).
+const FEATURES: [(u64, &str); 14] = [
+    (1 << 0, "dedup"),
+    (1 << 1, "dedupprops"),
+    (
+        1 << 2,
+        "sa_spill (system attributes: a ZPL version 5 file system)",
+    ),
+    (1 << 16, "embed_data"),
+    (1 << 17, "lz4"),
+    (1 << 19, "large_blocks"),
+    (1 << 20, "resuming"),
+    (1 << 21, "redacted"),
+    (1 << 22, "compressed"),
+    (1 << 23, "large_dnode"),
+    (1 << 24, "raw"),
+    (1 << 25, "zstd"),
+    (1 << 26, "switch_to_large_blocks"),
+    (1 << 27, "longname"),
+];
+
+/// The names of the feature flags set in `features`.
+pub fn feature_names(features: u64) -> Vec<String> {
+    let mut names: Vec<String> = FEATURES
+        .iter()
+        .filter(|(bit, _)| features & bit != 0)
+        .map(|(_, n)| n.to_string())
+        .collect();
+    let known = FEATURES.iter().fold(0, |a, (b, _)| a | b);
+    if features & !known != 0 {
+        names.push(format!("unknown flags {:#x}", features & !known));
+    }
+    names
 }
 
 #[derive(Clone, Copy)]
@@ -174,6 +212,7 @@ pub fn check_head(
         from_guid: sub.from_guid,
         first_to_guid: sub.to_guid,
         compound,
+        features: sub.features,
     }))
 }
 
@@ -227,7 +266,8 @@ mod tests {
             Some(Head {
                 from_guid: 0,
                 first_to_guid: REAL_GUID,
-                compound: false
+                compound: false,
+                features: 0,
             })
         );
         assert!(check_head(&head, 0, &[1]).is_err(), "unannounced snapshot");
@@ -289,6 +329,15 @@ mod tests {
         // A compound header with the RAW flag still may not carry one.
         let r = rec_begin(200, DMU_COMPOUNDSTREAM | (FEATURE_RAW << 2), 0, 0, false);
         assert!(check_head(&[r, vec![0; 2 * RECORD]].concat(), 10, &[20]).is_err());
+    }
+
+    #[test]
+    fn feature_flags_are_named() {
+        assert_eq!(feature_names(0), Vec::<String>::new());
+        let n = feature_names(4 | (1 << 24) | (1 << 40));
+        assert!(n[0].starts_with("sa_spill"), "{n:?}");
+        assert_eq!(n[1], "raw");
+        assert!(n[2].starts_with("unknown flags"), "{n:?}");
     }
 
     #[test]

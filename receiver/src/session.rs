@@ -17,7 +17,7 @@ use zfsync_common::plan::{mirror, negotiate_with_bookmarks, Decision, FullReason
 use zfsync_common::protocol::{
     Connection, Frame, Message, PlaceFailure, ProtocolError, WireSnap, PROTOCOL_VERSION,
 };
-use zfsync_common::stream::{check_head, HEAD_MAX};
+use zfsync_common::stream::{check_head, feature_names, HEAD_MAX};
 use zfsync_common::zfs::{RecvSpec, Snapshot, ZfsChild};
 
 /// How long an aborted `zfs receive` may take to clean up before it is
@@ -696,6 +696,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let mut pending: Option<Bytes> = None;
         let mut total: u64 = 0;
         let mut write_error: Option<std::io::Error> = None;
+        let mut features = 0u64;
         loop {
             let frame = match self.next_frame().await {
                 Ok(Some(f)) => f,
@@ -734,12 +735,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                             refused = Some(format!("refused stream: {reason}"));
                             early.clear();
                         }
-                        Ok(Some(_)) => match self.start_receive(&dest, &plan).await {
+                        Ok(Some(h)) => match self.start_receive(&dest, &plan).await {
                             Err(reason) => {
                                 refused = Some(reason);
                                 early.clear();
                             }
                             Ok(mut child) => {
+                                features = h.features;
                                 let mut stdin = child.take_stdin();
                                 pending = early.pop();
                                 for f in early.drain(..) {
@@ -776,10 +778,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     let _ = self.target.refresh(&dest).await;
                     return Ok(match result {
                         Err(e) => {
-                            tracing::warn!(peer = %self.peer, %dest, "zfs receive failed: {e}");
-                            Message::StreamFailed {
-                                reason: e.to_string(),
+                            let mut reason = e.to_string();
+                            if reason.contains("unsupported feature") {
+                                // Name what the local zfs lacks (zfs-fuse
+                                // receiving from OpenZFS, say).
+                                reason.push_str(&format!(
+                                    "; the stream uses {}, which this receiver's zfs ({}) cannot receive: run the receiver on OpenZFS, or give the source datasets only features it has (for zfs-fuse: zfs create -o version=4)",
+                                    feature_names(features).join(", "),
+                                    self.target.zfs.caps().version
+                                ));
                             }
+                            tracing::warn!(peer = %self.peer, %dest, "zfs receive failed: {reason}");
+                            Message::StreamFailed { reason }
                         }
                         Ok(()) => match self.target.newest(&dest) {
                             Some(n) if n.guid == plan.to.guid => {
