@@ -117,7 +117,7 @@ fn vm_capabilities_compressed_sends_holds_and_bookmarks() {
         );
         assert_eq!(
             bookmarks(&format!("{src}{rel}")),
-            [format!("{src}{rel}#{tag}_s1")],
+            [format!("{src}{rel}#{tag}:s1")],
             "{rel}"
         );
     }
@@ -140,7 +140,7 @@ fn vm_capabilities_compressed_sends_holds_and_bookmarks() {
         assert!(holds(&format!("{src}{rel}@s1")).is_empty(), "{rel}");
         assert_eq!(
             bookmarks(&format!("{src}{rel}")),
-            [format!("{src}{rel}#{tag}_s2")],
+            [format!("{src}{rel}#{tag}:s2")],
             "{rel}"
         );
     }
@@ -293,7 +293,7 @@ fn vm_a_bookmark_is_the_base_when_the_snapshot_was_pruned() {
     zfs(&["destroy", &format!("{src}@a")]);
     let run = sync(certs, recv.port, &src, &[]);
     run.assert_code(0)
-        .assert_stderr_has(&format!("-i {src}#{tag}_a {src}@b"))
+        .assert_stderr_has(&format!("-i {src}#{tag}:a {src}@b"))
         .assert_stderr_has(&format!("-I {src}@b {src}@c"));
     let s = snapshot_guids(&src);
     let d = snapshot_guids(&dst);

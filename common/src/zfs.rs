@@ -500,6 +500,8 @@ pub struct ResumeInfo {
     pub bytes_done: Option<u64>,
     /// Bytes still to send (`-P` estimate), when printed.
     pub bytes_left: Option<u64>,
+    /// The token is for a raw stream (`rawok`).
+    pub raw: bool,
 }
 
 /// Parses `zfs send -nvP -t TOKEN` output: the token's nvlist
@@ -513,10 +515,17 @@ pub fn parse_resume_info(text: &str) -> Option<ResumeInfo> {
         }
     };
     let (mut from, mut to, mut name, mut done, mut left) = (None, None, None, None, None);
+    let mut raw = false;
+    let mut seen = std::collections::HashSet::new();
     for line in text.lines() {
         let t = line.trim();
         if let Some((k, v)) = t.split_once(" = ") {
+            // A key twice: not what zfs prints; do not guess which counts.
+            if !seen.insert(k.trim().to_string()) {
+                return None;
+            }
             match k.trim() {
+                "rawok" => raw = true,
                 "fromguid" => from = num(v),
                 "toguid" => to = num(v),
                 "toname" => name = Some(v.trim().to_string()),
@@ -533,6 +542,7 @@ pub fn parse_resume_info(text: &str) -> Option<ResumeInfo> {
         to_name: name?,
         bytes_done: done,
         bytes_left: left,
+        raw,
     })
 }
 
@@ -962,7 +972,13 @@ impl Zfs {
             ]))
             .await?;
         let snaps: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
-        if snaps.is_empty() {
+        self.release_tag_on(tag, &snaps).await
+    }
+
+    /// Releases the hold `tag` on those of `snaps` that carry it (one
+    /// `zfs holds`, at most one `zfs release`).
+    pub async fn release_tag_on(&self, tag: &str, snaps: &[&str]) -> Result<(), ZfsError> {
+        if !self.caps.has(Cap::HoldsList) || snaps.is_empty() {
             return Ok(());
         }
         let mut args = os(&["holds", "-H"]);
@@ -1066,7 +1082,12 @@ size\t161480704
         assert_eq!(r.to_name, "src/data@s3");
         assert_eq!(r.bytes_done, Some(0x2e6d8e0));
         assert_eq!(r.bytes_left, Some(161480704));
+        assert!(!r.raw);
         assert_eq!(parse_resume_info("cannot resume send: bad token\n"), None);
+        let twice = format!("{out}\ttoname = other/ds@x\n");
+        assert_eq!(parse_resume_info(&twice), None, "a repeated key");
+        let raw = out.replace("compressok = 1", "rawok = 1");
+        assert!(parse_resume_info(&raw).unwrap().raw);
     }
 
     #[test]

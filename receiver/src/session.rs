@@ -206,6 +206,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     allow_full,
                     dry_run,
                 } => {
+                    self.resume_request = None;
                     self.abandon().await;
                     let req = SyncRequest {
                         path,
@@ -220,7 +221,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     reply
                 }
                 Message::ResumeFailed { reason } => {
-                    let Some(req) = self.resume_request.take() else {
+                    let offered = self.open.as_ref().is_some_and(|o| o.resume_offered);
+                    let Some(req) = self.resume_request.take().filter(|_| offered) else {
                         return Err(ProtocolError::Unexpected {
                             got: "resume_failed".into(),
                             expected: "a resume offer first".into(),
@@ -641,9 +643,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// can never drop a snapshot.
     async fn start_receive(&self, dest: &DatasetName, plan: &Planned) -> Result<ZfsChild, String> {
         let zfs = &self.target.zfs;
-        // A resumed stream goes on into the saved partial state: nothing
-        // may be rolled back under it.
-        if plan.from_guid != 0 && !plan.resume {
+        // (A resumed incremental goes on into `dest/%recv`; rolling `dest`
+        // itself back does not touch that.)
+        if plan.from_guid != 0 {
             // Fresh, not from the cache: another run may have moved on.
             let fresh = self.target.refresh(dest).await.map_err(|e| e.to_string())?;
             let newest = fresh.as_ref().and_then(|d| d.snapshots.last());
@@ -670,7 +672,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             // A cut transfer keeps what arrived (OpenZFS): the next run
             // goes on from there. Never for -F: a partial overwrite must
             // not linger over the existing dataset.
-            resumable: zfs.caps().can_receive_resumable() && !plan.overwrite,
+            resumable: zfs.caps().can_receive_resumable()
+                && self.peer_caps.has(Cap::SendResume)
+                && !plan.overwrite,
             options: self.target.recv_options.clone(),
         };
         zfs.spawn_receive(dest, &spec).map_err(|e| e.to_string())
@@ -779,6 +783,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     return Ok(match result {
                         Err(e) => {
                             let mut reason = e.to_string();
+                            if plan.resume {
+                                // zfs itself refused the continuation: the
+                                // state is of no use; the next run plans
+                                // the dataset afresh.
+                                match self.target.zfs.abort_resumable(&dest).await {
+                                    Ok(()) => reason.push_str("; the partial state was discarded (zfs receive -A)"),
+                                    Err(e2) => tracing::debug!(%dest, "zfs receive -A: {e2}"),
+                                }
+                                let _ = self.target.refresh(&dest).await;
+                            }
                             if reason.contains("unsupported feature") {
                                 // Name what the local zfs lacks (zfs-fuse
                                 // receiving from OpenZFS, say).
@@ -796,7 +810,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                                 if plan.from_guid == 0 && !plan.overwrite {
                                     self.never_automount(&dest).await;
                                 }
-                                self.move_hold(&dest, plan.from_guid, &plan.to).await;
+                                self.move_hold(&dest, &plan.to).await;
                                 tracing::info!(peer = %self.peer, %dest, snapshot = %plan.to.name, bytes, "received");
                                 Message::Received { bytes }
                             }
@@ -838,7 +852,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// nor another tool destroys it by accident. Only where `zfs holds`
     /// exists (OpenZFS): without it the receiver could not find its own
     /// holds again before destroying a tree it made.
-    async fn move_hold(&self, dest: &DatasetName, from_guid: u64, to: &Snapshot) {
+    async fn move_hold(&self, dest: &DatasetName, to: &Snapshot) {
         let zfs = &self.target.zfs;
         if !(zfs.caps().has(Cap::Holds) && zfs.caps().has(Cap::HoldsList)) {
             return;
@@ -850,16 +864,23 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             tracing::warn!(%new, "cannot hold the received snapshot: {e}");
             return;
         }
-        let old = self.target.get(dest).and_then(|d| {
-            d.snapshots
-                .iter()
-                .find(|s| s.guid == from_guid && from_guid != 0)
-                .and_then(|s| dest.snapshot(&s.name).ok())
-        });
-        if let Some(old) = old {
-            if let Err(e) = zfs.hold(true, RECV_HOLD, std::slice::from_ref(&old)).await {
-                tracing::debug!(%old, "releasing the previous hold: {e}");
-            }
+        // Every older hold of ours on this dataset goes (a cut `-I` may
+        // have moved the newest on without a hold).
+        let others: Vec<String> = self
+            .target
+            .get(dest)
+            .map(|d| {
+                d.snapshots
+                    .iter()
+                    .filter(|s| s.guid != to.guid)
+                    .filter_map(|s| dest.snapshot(&s.name).ok())
+                    .map(|s| s.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let others: Vec<&str> = others.iter().map(String::as_str).collect();
+        if let Err(e) = zfs.release_tag_on(RECV_HOLD, &others).await {
+            tracing::debug!(%dest, "releasing the previous holds: {e}");
         }
     }
 

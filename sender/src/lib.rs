@@ -581,11 +581,28 @@ async fn resume(
     job: &Job,
     token: &str,
 ) -> Result<u64, ResumeError> {
-    let info = opts
-        .zfs
-        .resume_info(token)
-        .await
-        .map_err(|e| ResumeError::Stale(e.to_string()))?;
+    let info = match opts.zfs.resume_info(token).await {
+        Ok(i) => i,
+        // The token's snapshot is gone or is another one: stale.
+        Err(ZfsError::Failed { stderr, .. })
+            if stderr.contains("no longer exists")
+                || stderr.contains("not the same")
+                || stderr.contains("does not exist") =>
+        {
+            return Err(ResumeError::Stale(stderr));
+        }
+        Err(ZfsError::DoesNotExist { name }) => {
+            return Err(ResumeError::Stale(format!("{name} does not exist")))
+        }
+        // Anything else (a zfs failure, output not understood): keep the
+        // receiver's partial state for a later run.
+        Err(e) => {
+            return Err(ResumeError::Failed(
+                format!("cannot read the resume token: {e}"),
+                false,
+            ))
+        }
+    };
     let named = SnapshotName::new(&info.to_name)
         .map_err(|e| ResumeError::Stale(format!("the token names {:?}: {e}", info.to_name)))?;
     if named.dataset() != job.dataset.name {
@@ -614,6 +631,19 @@ async fn resume(
         human_bytes(info.bytes_done.unwrap_or(0)),
         human_bytes(info.bytes_left.unwrap_or(0))
     );
+    // An encrypted dataset travels raw, whatever the token (it comes from
+    // the receiver) asks for: never decrypted.
+    if job.dataset.encrypted && !info.raw {
+        return Err(ResumeError::Stale(format!(
+            "{} is encrypted and the token is not for a raw stream",
+            job.dataset.name
+        )));
+    }
+    let flags = if job.dataset.encrypted {
+        vec!["-w"]
+    } else {
+        Vec::new()
+    };
     let from_guid = (info.from_guid != 0).then_some(info.from_guid);
     let what = SendWhat::Resume {
         token: token.to_string(),
@@ -623,7 +653,7 @@ async fn resume(
         .name
         .snapshot(&to.name)
         .map_err(|e| ResumeError::Failed(e.to_string(), false))?;
-    let bytes = pipe_stream(client, opts, &to_name, &what, &[], from_guid, to, true)
+    let bytes = pipe_stream(client, opts, &to_name, &what, &flags, from_guid, to, true)
         .await
         .map_err(|(reason, lost)| ResumeError::Failed(reason, lost))?;
     tracing::info!(dataset = %job.dataset.name, bytes, "resumed transfer complete");

@@ -142,9 +142,10 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             }
             // A bookmark of the confirmed base (OpenZFS) stays a base for
             // the next incremental even if the snapshot is destroyed; the
-            // previous one of this receiver goes.
+            // previous one of this receiver goes. `:` cannot occur in a
+            // receiver id, so `TAG:` names this receiver's bookmarks only.
             if zfs.caps().has(Cap::Bookmarks) {
-                let mark = format!("{tag}_{name}");
+                let mark = format!("{tag}:{name}");
                 for s in &held {
                     let ds = s.dataset();
                     if let Err(e) = zfs.bookmark(s, &mark).await {
@@ -155,7 +156,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
                         d.bookmarks
                             .iter()
                             .filter(|b| {
-                                b.name.as_str().starts_with(&format!("{tag}_"))
+                                b.name.as_str().starts_with(&format!("{tag}:"))
                                     && b.name.as_str() != mark
                             })
                             .map(|b| b.name.to_string())
