@@ -198,7 +198,7 @@ impl Client {
         snapshots: &[Snapshot],
         allow_full: bool,
     ) -> Result<Reply, ClientError> {
-        self.sync_request(path, snapshots, &[], allow_full, false)
+        self.sync_with(path, snapshots, &[], allow_full, false)
             .await
     }
 
@@ -212,8 +212,16 @@ impl Client {
         allow_full: bool,
         dry_run: bool,
     ) -> Result<Reply, ClientError> {
-        self.sync_request(path, snapshots, bookmarks, allow_full, dry_run)
-            .await
+        self.conn
+            .send(Message::Sync {
+                path: path.as_str().to_string(),
+                snapshots: snapshots.iter().map(WireSnap::from).collect(),
+                bookmarks: bookmarks.iter().map(WireSnap::from).collect(),
+                allow_full,
+                dry_run,
+            })
+            .await?;
+        Ok(self.conn.read_msg().await?)
     }
 
     /// The token of a resumable state could not be used here: the receiver
@@ -234,28 +242,7 @@ impl Client {
         snapshots: &[Snapshot],
         allow_full: bool,
     ) -> Result<Reply, ClientError> {
-        self.sync_request(path, snapshots, &[], allow_full, true)
-            .await
-    }
-
-    async fn sync_request(
-        &mut self,
-        path: &RelPath,
-        snapshots: &[Snapshot],
-        bookmarks: &[Snapshot],
-        allow_full: bool,
-        dry_run: bool,
-    ) -> Result<Reply, ClientError> {
-        self.conn
-            .send(Message::Sync {
-                path: path.as_str().to_string(),
-                snapshots: snapshots.iter().map(WireSnap::from).collect(),
-                bookmarks: bookmarks.iter().map(WireSnap::from).collect(),
-                allow_full,
-                dry_run,
-            })
-            .await?;
-        Ok(self.conn.read_msg().await?)
+        self.sync_with(path, snapshots, &[], allow_full, true).await
     }
 
     /// Announces a stream; the receiver checks it before any data flows.

@@ -285,6 +285,8 @@ pub struct ListExtras {
     pub resume_token: bool,
     /// `encryption`.
     pub encryption: bool,
+    /// `userrefs` (which snapshots are held), where `zfs holds` exists.
+    pub userrefs: bool,
 }
 
 impl ListExtras {
@@ -293,6 +295,7 @@ impl ListExtras {
             bookmarks: caps.has(Cap::Bookmarks),
             resume_token: caps.has(Cap::RecvResumable),
             encryption: caps.has(Cap::SendRaw),
+            userrefs: caps.has(Cap::HoldsList),
         }
     }
 }
@@ -319,6 +322,9 @@ pub fn list_argv(
     }
     if extras.encryption {
         props.push_str(",encryption");
+    }
+    if extras.userrefs && !user_props.contains(&"userrefs") {
+        props.push_str(",userrefs");
     }
     for p in user_props {
         props.push(',');
@@ -977,7 +983,7 @@ impl Zfs {
 
     /// Releases the hold `tag` on those of `snaps` that carry it (one
     /// `zfs holds`, at most one `zfs release`).
-    pub async fn release_tag_on(&self, tag: &str, snaps: &[&str]) -> Result<(), ZfsError> {
+    async fn release_tag_on(&self, tag: &str, snaps: &[&str]) -> Result<(), ZfsError> {
         if !self.caps.has(Cap::HoldsList) || snaps.is_empty() {
             return Ok(());
         }
@@ -1255,6 +1261,7 @@ p/a/b@s1\tuserrefs\t1\t-
             bookmarks: true,
             resume_token: true,
             encryption: true,
+            userrefs: true,
         };
         assert_eq!(
             strs(list_argv(&[&ds("p")], None, &[], extras)),
@@ -1267,10 +1274,14 @@ p/a/b@s1\tuserrefs\t1\t-
                 "filesystem,volume,snapshot,bookmark",
                 "-o",
                 "name,property,value,source",
-                "guid,createtxg,type,receive_resume_token,encryption",
+                "guid,createtxg,type,receive_resume_token,encryption,userrefs",
                 "p"
             ]
         );
+        // Asked for by the caller already: not twice.
+        assert!(strs(list_argv(&[&ds("p")], None, &["userrefs"], extras))
+            .iter()
+            .any(|a| a == "guid,createtxg,type,receive_resume_token,encryption,userrefs"));
         assert_eq!(
             strs(list_argv(
                 &[&ds("p"), &ds("q")],

@@ -810,7 +810,6 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                                 if plan.from_guid == 0 && !plan.overwrite {
                                     self.never_automount(&dest).await;
                                 }
-                                self.move_hold(&dest, &plan.to).await;
                                 tracing::info!(peer = %self.peer, %dest, snapshot = %plan.to.name, bytes, "received");
                                 Message::Received { bytes }
                             }
@@ -847,39 +846,39 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
-    /// Holds the snapshot just received (the base of the next incremental)
-    /// and releases the hold on the previous base, so that neither a person
-    /// nor another tool destroys it by accident. Only where `zfs holds`
-    /// exists (OpenZFS): without it the receiver could not find its own
-    /// holds again before destroying a tree it made.
-    async fn move_hold(&self, dest: &DatasetName, to: &Snapshot) {
+    /// Holds the newest snapshot of a finished dataset (the base of the
+    /// next incremental) and releases this receiver's older holds on it,
+    /// so that neither a person nor another tool destroys the base by
+    /// accident. Once per dataset and run: one `zfs hold`, and one
+    /// `zfs release` only when older snapshots are held (`userrefs` from
+    /// the listing; `zfs release` goes on past a snapshot without the tag).
+    /// Only where `zfs holds` exists (OpenZFS): without it the receiver
+    /// could not find its own holds again before destroying a tree it made.
+    async fn move_hold(&self, dest: &DatasetName, newest: &Snapshot) {
         let zfs = &self.target.zfs;
         if !(zfs.caps().has(Cap::Holds) && zfs.caps().has(Cap::HoldsList)) {
             return;
         }
-        let Ok(new) = dest.snapshot(&to.name) else {
+        let Ok(new) = dest.snapshot(&newest.name) else {
             return;
         };
-        if let Err(e) = zfs.hold(false, RECV_HOLD, std::slice::from_ref(&new)).await {
-            tracing::warn!(%new, "cannot hold the received snapshot: {e}");
+        let Some(d) = self.target.get(dest) else {
             return;
+        };
+        if !d.held.contains(newest.name.as_str()) {
+            if let Err(e) = zfs.hold(false, RECV_HOLD, std::slice::from_ref(&new)).await {
+                tracing::warn!(%new, "cannot hold the received snapshot: {e}");
+                return;
+            }
         }
-        // Every older hold of ours on this dataset goes (a cut `-I` may
-        // have moved the newest on without a hold).
-        let others: Vec<String> = self
-            .target
-            .get(dest)
-            .map(|d| {
-                d.snapshots
-                    .iter()
-                    .filter(|s| s.guid != to.guid)
-                    .filter_map(|s| dest.snapshot(&s.name).ok())
-                    .map(|s| s.to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let others: Vec<&str> = others.iter().map(String::as_str).collect();
-        if let Err(e) = zfs.release_tag_on(RECV_HOLD, &others).await {
+        let older: Vec<_> = d
+            .snapshots
+            .iter()
+            .filter(|s| s.guid != newest.guid && d.held.contains(s.name.as_str()))
+            .filter_map(|s| dest.snapshot(&s.name).ok())
+            .collect();
+        if let Err(e) = zfs.hold(true, RECV_HOLD, &older).await {
+            // Also when one of them is held by someone else only.
             tracing::debug!(%dest, "releasing the previous holds: {e}");
         }
     }
@@ -915,6 +914,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             return refused(format!(
                 "{rel} did not receive every snapshot up to the sender's newest; not finishing it"
             ));
+        }
+        if let Some(newest) = open.announced.last() {
+            // Before the mirrored retention, which may destroy the
+            // previously held snapshot.
+            self.move_hold(&open.dest, newest).await;
         }
         match &open.mode {
             Mode::Direct | Mode::Overwrite => Message::Done {

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt;
 use zfsync_common::caps::Cap;
 use zfsync_common::naming::{DatasetName, SnapClass, SnapName};
 use zfsync_common::plan::prune;
@@ -78,6 +79,55 @@ fn snap(ds: &DatasetName, name: &str) -> Option<zfsync_common::naming::SnapshotN
     SnapName::new(name).ok().and_then(|n| ds.snapshot(&n).ok())
 }
 
+/// Bookmarks each newly confirmed base as `TAG:NAME` and destroys this
+/// receiver's previous bookmark of the dataset (`:` cannot occur in a
+/// receiver id, so `TAG:` matches this receiver's bookmarks only). The
+/// `zfs` CLI takes one bookmark per call, so the datasets are worked on
+/// `--threads` at a time. Returns the warnings.
+async fn move_bookmarks(
+    opts: &Options,
+    tag: &str,
+    mark: &str,
+    confirmed: &[zfsync_common::naming::SnapshotName],
+    by_name: &BTreeMap<&DatasetName, &Dataset>,
+) -> Vec<String> {
+    let zfs = &opts.zfs;
+    let prefix = format!("{tag}:");
+    let work = confirmed.iter().map(|s| {
+        let ds = s.dataset();
+        let stale: Vec<String> = by_name
+            .get(&ds)
+            .map(|d| {
+                d.bookmarks
+                    .iter()
+                    .map(|b| b.name.to_string())
+                    .filter(|b| b.starts_with(&prefix) && b != mark)
+                    .collect()
+            })
+            .unwrap_or_default();
+        async move {
+            let mut warnings = Vec::new();
+            if let Err(e) = zfs.bookmark(s, mark).await {
+                warnings.push(format!("cannot bookmark {s}: {e}"));
+                return warnings;
+            }
+            for old in stale {
+                if let Err(e) = zfs.destroy_bookmark(&ds, &old).await {
+                    warnings.push(format!("cannot destroy the old bookmark {ds}#{old}: {e}"));
+                }
+            }
+            warnings
+        }
+    });
+    futures::stream::iter(work)
+        .buffer_unordered(opts.threads.max(1))
+        .collect::<Vec<Vec<String>>>()
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// Records this run's confirmations, then prunes. `datasets` is the run's
 /// one listing (taken after the run's snapshot); `outcomes` is empty when
 /// the receiver could not be reached.
@@ -146,29 +196,8 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             // receiver id, so `TAG:` names this receiver's bookmarks only.
             if zfs.caps().has(Cap::Bookmarks) {
                 let mark = format!("{tag}:{name}");
-                for s in &held {
-                    let ds = s.dataset();
-                    if let Err(e) = zfs.bookmark(s, &mark).await {
-                        r.warnings.push(format!("cannot bookmark {s}: {e}"));
-                        continue;
-                    }
-                    let stale = by_name.get(&ds).map(|d| {
-                        d.bookmarks
-                            .iter()
-                            .filter(|b| {
-                                b.name.as_str().starts_with(&format!("{tag}:"))
-                                    && b.name.as_str() != mark
-                            })
-                            .map(|b| b.name.to_string())
-                            .collect::<Vec<_>>()
-                    });
-                    for old in stale.unwrap_or_default() {
-                        if let Err(e) = zfs.destroy_bookmark(&ds, &old).await {
-                            r.warnings
-                                .push(format!("cannot destroy the old bookmark {ds}#{old}: {e}"));
-                        }
-                    }
-                }
+                r.warnings
+                    .extend(move_bookmarks(opts, &tag, &mark, &held, &by_name).await);
             }
         }
         if let Err(e) = zfs.hold(true, &tag, &released).await {
