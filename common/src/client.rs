@@ -15,12 +15,12 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::caps::{Caps, SendPath};
+use crate::model::Snapshot;
 use crate::naming::RelPath;
 use crate::protocol::{
     Connection, Message, PlaceFailure, ProtocolError, WireSnap, DATA_CHUNK, PROTOCOL_VERSION,
 };
 use crate::tls::explain_client_error;
-use crate::zfs::Snapshot;
 
 pub type TlsConnection = Connection<TlsStream<TcpStream>>;
 

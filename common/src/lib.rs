@@ -4,6 +4,7 @@
 pub mod caps;
 pub mod client;
 pub mod logging;
+pub mod model;
 pub mod naming;
 pub mod plan;
 pub mod protocol;

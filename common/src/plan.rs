@@ -5,8 +5,8 @@
 //! createtxg. The receiver calls [`negotiate`]; the sender turns the answer
 //! into `zfs send` steps with [`steps`].
 
+use crate::model::Snapshot;
 use crate::naming::{tool_class, SnapClass, SnapName};
-use crate::zfs::Snapshot;
 
 /// What the receiver has at the place a dataset maps to.
 #[derive(Clone, Debug, PartialEq, Eq)]

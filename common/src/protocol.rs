@@ -39,8 +39,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use crate::model::Snapshot;
 use crate::naming::{NameError, SnapName};
-use crate::zfs::Snapshot;
 
 /// 3: capabilities in the handshake, resumable streams, bookmarks.
 pub const PROTOCOL_VERSION: u32 = 3;

@@ -2,7 +2,7 @@
 //! clearly; shown against a stand-in `zfs` that is always busy.
 
 use zfsync_common::naming::DatasetName;
-use zfsync_common::zfs::{Zfs, ZfsError, BUSY_TRIES};
+use zfsync_common::zfs::{Zfs, ZfsBackend, ZfsError, BUSY_TRIES};
 
 #[tokio::test]
 async fn busy_is_retried_then_reported() {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use zfsync_common::naming::DatasetName;
@@ -151,7 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listener,
         Options {
             target,
-            zfs: Zfs::new(&args.zfs),
+            zfs: Arc::new(Zfs::new(&args.zfs)),
             tls: tls_rx,
             allow_clients: args.allow_client,
             mirror_retention: !args.keep_all_snapshots,

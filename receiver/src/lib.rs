@@ -20,14 +20,14 @@ use zfsync_common::caps::Cap;
 use zfsync_common::naming::DatasetName;
 use zfsync_common::protocol::{Connection, Message};
 use zfsync_common::tls::cert_names;
-use zfsync_common::zfs::{RecvOption, Zfs, ZfsError};
+use zfsync_common::zfs::{Backend, RecvOption, ZfsBackend, ZfsError};
 
 use crate::session::{Session, Shared};
 use crate::state::Target;
 
 pub struct Options {
     pub target: DatasetName,
-    pub zfs: Zfs,
+    pub zfs: Backend,
     /// The TLS configuration; a new value (SIGHUP) applies to connections
     /// accepted from then on, running ones keep theirs.
     pub tls: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
@@ -66,7 +66,7 @@ pub enum ServeError {
 
 /// Checks that the target can be received into: it exists, or its parent
 /// does (zfs receive creates it then).
-pub async fn check_target(zfs: &Zfs, target: &DatasetName) -> Result<(), ServeError> {
+pub async fn check_target(zfs: &dyn ZfsBackend, target: &DatasetName) -> Result<(), ServeError> {
     if zfs.list_dataset(target).await?.is_some() {
         return Ok(());
     }
@@ -92,8 +92,8 @@ pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let mut zfs = opts.zfs.clone();
-    let caps = zfs.probe().await?.clone();
+    let zfs = opts.zfs.clone();
+    let caps = zfs.probe().await?;
     tracing::info!("zfs capabilities: {caps}");
     for o in &opts.recv_options {
         let (cap, flag) = match o {
@@ -108,7 +108,7 @@ pub async fn run(
             });
         }
     }
-    check_target(&zfs, &opts.target).await?;
+    check_target(zfs.as_ref(), &opts.target).await?;
     if let Ok(local) = listener.local_addr() {
         tracing::info!(
             "zfsync-recv listening on {local}, receiving into {}",

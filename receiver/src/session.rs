@@ -695,7 +695,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let allowed: Vec<u64> = open.announced.iter().map(|s| s.guid).collect();
         let mut head: Vec<u8> = Vec::with_capacity(HEAD_MAX);
         let mut early: Vec<Bytes> = Vec::new();
-        let mut running: Option<(ZfsChild, Option<tokio::process::ChildStdin>)> = None;
+        let mut running: Option<(ZfsChild, Option<zfsync_common::zfs::ChildWriter>)> = None;
         let mut refused: Option<String> = None;
         let mut pending: Option<Bytes> = None;
         let mut total: u64 = 0;
@@ -760,7 +760,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     if let Some(reason) = refused {
                         return Ok(Message::StreamFailed { reason });
                     }
-                    let Some((child, mut stdin)) = running.take() else {
+                    let Some((mut child, mut stdin)) = running.take() else {
                         return Ok(Message::StreamFailed {
                             reason: "the stream is too short to be a zfs send stream".into(),
                         });
@@ -778,7 +778,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         write(&mut stdin, &last, &mut write_error).await;
                     }
                     drop(stdin);
-                    let result = child.wait().await;
+                    let result = child.close().await;
                     let _ = self.target.refresh(&dest).await;
                     return Ok(match result {
                         Err(e) => {
@@ -866,7 +866,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             return;
         };
         if !d.held.contains(newest.name.as_str()) {
-            if let Err(e) = zfs.hold(false, RECV_HOLD, std::slice::from_ref(&new)).await {
+            if let Err(e) = zfs.hold(RECV_HOLD, std::slice::from_ref(&new)).await {
                 tracing::warn!(%new, "cannot hold the received snapshot: {e}");
                 return;
             }
@@ -877,7 +877,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             .filter(|s| s.guid != newest.guid && d.held.contains(s.name.as_str()))
             .filter_map(|s| dest.snapshot(&s.name).ok())
             .collect();
-        if let Err(e) = zfs.hold(true, RECV_HOLD, &older).await {
+        if let Err(e) = zfs.release(RECV_HOLD, &older).await {
             // Also when one of them is held by someone else only.
             tracing::debug!(%dest, "releasing the previous holds: {e}");
         }
@@ -1271,21 +1271,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 /// sees a truncated stream, fails and cleans up. Waiting for it (rather than
 /// killing it) means the cleanup is done when this returns; the kill is the
 /// backstop for a `zfs` that hangs.
-async fn abort_receive(stdin: Option<tokio::process::ChildStdin>, child: ZfsChild) {
+async fn abort_receive(stdin: Option<zfsync_common::zfs::ChildWriter>, mut child: ZfsChild) {
     drop(stdin);
-    let argv = child.argv().to_string();
-    // On timeout the future is dropped and with it the child, which is
-    // spawned with kill_on_drop.
-    match tokio::time::timeout(ABORT_WAIT, child.wait()).await {
-        Ok(_) => {}
-        Err(_) => {
-            tracing::warn!(%argv, "zfs receive did not exit after its stream was cut; killed")
-        }
-    }
+    let _ = child.close_within(ABORT_WAIT).await;
 }
 
 async fn write(
-    stdin: &mut Option<tokio::process::ChildStdin>,
+    stdin: &mut Option<zfsync_common::zfs::ChildWriter>,
     data: &[u8],
     error: &mut Option<std::io::Error>,
 ) {

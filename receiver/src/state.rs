@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use zfsync_common::naming::{
     buffer_root, DatasetName, NameError, RelPath, FULL_SUFFIX, OLD_SUFFIX,
 };
-use zfsync_common::zfs::{Dataset, RecvOption, Snapshot, Zfs, ZfsError};
+use zfsync_common::zfs::{Backend, Dataset, RecvOption, Snapshot, ZfsError};
 
 /// Where a relative path currently lives on the receiver.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,7 +30,7 @@ pub struct Target {
     /// Mirror the sender's retention (destroy tool snapshots it dropped).
     pub mirror: bool,
     pub buffer: DatasetName,
-    pub zfs: Zfs,
+    pub zfs: Backend,
     /// `-o`/`-x` options for every `zfs receive`.
     pub recv_options: Vec<RecvOption>,
     /// Cache of every dataset under the target and the buffer. Guarded by a
@@ -70,7 +70,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Target {
-    pub fn new(name: DatasetName, zfs: Zfs, mirror: bool) -> Self {
+    pub fn new(name: DatasetName, zfs: Backend, mirror: bool) -> Self {
         Target {
             mirror,
             buffer: buffer_root(&name),
@@ -312,7 +312,11 @@ mod tests {
     }
 
     fn target_with(names: &[&str]) -> Target {
-        let t = Target::new(ds("p/t"), Zfs::default(), true);
+        let t = Target::new(
+            ds("p/t"),
+            std::sync::Arc::new(zfsync_common::zfs::Zfs::default()),
+            true,
+        );
         {
             let mut c = lock(&t.cache);
             for n in names {

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::Timelike;
 use clap::Parser;
+use std::sync::Arc;
 use zfsync_common::client::ClientOptions;
 use zfsync_common::naming::{DatasetName, SnapClass};
 use zfsync_common::protocol::DEFAULT_PORT;
@@ -157,7 +158,7 @@ async fn run(args: Args) -> u8 {
     let receiver = format!("{}:{}", args.receiver, args.port);
     let opts = Options {
         source: source.clone(),
-        zfs: Zfs::new(&args.zfs),
+        zfs: Arc::new(Zfs::new(&args.zfs)),
         client: ClientOptions {
             host: args.receiver.clone(),
             port: args.port,

@@ -17,7 +17,7 @@ use zfsync_common::client::{CleanReport, Client, ClientError, ClientOptions};
 use zfsync_common::naming::{tool_snapshot, DatasetName, RelPath, SnapClass, SnapshotName};
 use zfsync_common::plan::{steps_with_bookmarks, Decision, FullReason, Step};
 use zfsync_common::protocol::Message;
-use zfsync_common::zfs::{Dataset, SendFrom, SendWhat, Snapshot, Zfs, ZfsError};
+use zfsync_common::zfs::{Backend, Dataset, SendFrom, SendWhat, Snapshot, ZfsBackend, ZfsError};
 
 use crate::summary::{human_bytes, Outcome, SendKind, Status};
 
@@ -47,7 +47,7 @@ pub enum SendError {
 
 pub struct Options {
     pub source: DatasetName,
-    pub zfs: Zfs,
+    pub zfs: Backend,
     pub client: ClientOptions,
     pub threads: usize,
     pub allow_full: bool,
@@ -105,7 +105,7 @@ impl Report {
 /// Lists the source tree in one `zfs` call; returns its datasets
 /// parent-first.
 async fn list_jobs(
-    zfs: &Zfs,
+    zfs: &dyn ZfsBackend,
     source: &DatasetName,
     user_props: &[&str],
 ) -> Result<(Vec<Job>, Vec<Outcome>), SendError> {
@@ -155,7 +155,7 @@ pub async fn run(mut opts: Options) -> Result<Report, SendError> {
     let started = Instant::now();
     // What the local zfs can do decides the listing (bookmarks,
     // encryption) and, with the receiver's answer, how streams travel.
-    let caps = opts.zfs.probe().await?.clone();
+    let caps = opts.zfs.probe().await?;
     tracing::info!("zfs capabilities: {caps}");
     opts.client.caps = caps;
     let mut report = Report {
@@ -166,7 +166,8 @@ pub async fn run(mut opts: Options) -> Result<Report, SendError> {
         report.snapshot = Some(take_snapshot(&opts, *class, stamp).await?);
     }
     let prop = retention::confirm_prop(&opts.receiver_id);
-    let (jobs, mut outcomes) = list_jobs(&opts.zfs, &opts.source, &[&prop, "userrefs"]).await?;
+    let (jobs, mut outcomes) =
+        list_jobs(opts.zfs.as_ref(), &opts.source, &[&prop, "userrefs"]).await?;
     tracing::info!(datasets = jobs.len(), source = %opts.source, "listed the source tree");
     let datasets: Vec<Dataset> = jobs.iter().map(|j| j.dataset.clone()).collect();
     let source_paths: Vec<String> = jobs.iter().map(|j| j.rel.as_str().to_string()).collect();
@@ -735,7 +736,7 @@ async fn pipe_stream(
     let started = Instant::now();
     tracing::info!(%to, argv = %child.argv(), "sending");
     let Some(mut stdout) = child.take_stdout() else {
-        child.kill().await;
+        child.abort().await;
         let _ = client.abort_stream("zfs send has no stdout").await;
         return Err(("zfs send has no stdout".into(), false));
     };
@@ -744,7 +745,7 @@ async fn pipe_stream(
     let bytes = match pumped {
         Ok(n) => n,
         Err(ClientError::Source(e)) => {
-            child.kill().await;
+            child.abort().await;
             let reason = format!("reading zfs send: {e}");
             return match client.abort_stream(&reason).await {
                 Ok(()) => Err((reason, false)),
@@ -752,11 +753,11 @@ async fn pipe_stream(
             };
         }
         Err(e) => {
-            child.kill().await;
+            child.abort().await;
             return Err(lost(e));
         }
     };
-    if let Err(e) = child.wait().await {
+    if let Err(e) = child.close().await {
         let reason = e.to_string();
         return match client.abort_stream(&reason).await {
             Ok(()) => Err((reason, false)),

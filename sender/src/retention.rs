@@ -186,7 +186,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
                 }
             }
             let held: Vec<_> = dss.iter().filter_map(|d| snap(d, name)).collect();
-            if let Err(e) = zfs.hold(false, &tag, &held).await {
+            if let Err(e) = zfs.hold(&tag, &held).await {
                 r.warnings
                     .push(format!("cannot hold @{name} (tag {tag}): {e}"));
             }
@@ -200,7 +200,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
                     .extend(move_bookmarks(opts, &tag, &mark, &held, &by_name).await);
             }
         }
-        if let Err(e) = zfs.hold(true, &tag, &released).await {
+        if let Err(e) = zfs.release(&tag, &released).await {
             r.warnings.push(format!(
                 "cannot release the previous holds (tag {tag}): {e}"
             ));

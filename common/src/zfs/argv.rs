@@ -1,0 +1,494 @@
+//! argv for every `zfs` verb zfsync runs: pure builders, table-tested.
+//! Running them is [`super::cli::Zfs`]'s job.
+
+use std::ffi::OsString;
+
+use crate::caps::{Cap, Caps};
+use crate::naming::{DatasetName, SnapshotName};
+
+pub(crate) fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+/// What a listing asks for beyond guid, createtxg and type; what the local
+/// `zfs` cannot answer is left out (see [`ListExtras::for_caps`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListExtras {
+    /// Bookmarks too (`-t filesystem,volume,snapshot,bookmark`).
+    pub bookmarks: bool,
+    /// `receive_resume_token`.
+    pub resume_token: bool,
+    /// `encryption`.
+    pub encryption: bool,
+    /// `userrefs` (which snapshots are held), where `zfs holds` exists.
+    pub userrefs: bool,
+}
+
+impl ListExtras {
+    pub fn for_caps(caps: &Caps) -> ListExtras {
+        ListExtras {
+            bookmarks: caps.has(Cap::Bookmarks),
+            resume_token: caps.has(Cap::RecvResumable),
+            encryption: caps.has(Cap::SendRaw),
+            userrefs: caps.has(Cap::HoldsList),
+        }
+    }
+}
+
+/// `zfs get` of guid, createtxg, type and the given user properties for
+/// whole trees, in one call.
+pub fn list_argv(
+    roots: &[&DatasetName],
+    depth: Option<u32>,
+    user_props: &[&str],
+    extras: ListExtras,
+) -> Vec<OsString> {
+    let mut v = os(&["get", "-H", "-p"]);
+    match depth {
+        Some(d) => v.extend(os(&["-d", &d.to_string()])),
+        None => v.push("-r".into()),
+    }
+    if extras.bookmarks {
+        v.extend(os(&["-t", "filesystem,volume,snapshot,bookmark"]));
+    }
+    let mut props = "guid,createtxg,type".to_string();
+    if extras.resume_token {
+        props.push_str(",receive_resume_token");
+    }
+    if extras.encryption {
+        props.push_str(",encryption");
+    }
+    if extras.userrefs && !user_props.contains(&"userrefs") {
+        props.push_str(",userrefs");
+    }
+    for p in user_props {
+        props.push(',');
+        props.push_str(p);
+    }
+    v.extend(os(&["-o", "name,property,value,source", &props]));
+    v.extend(roots.iter().map(|r| OsString::from(r.as_str())));
+    v
+}
+
+/// Where an incremental stream starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendFrom {
+    /// `-I snap`: every snapshot in between travels too.
+    Snapshot(SnapshotName),
+    /// `-i ds#bookmark`: from a bookmark, to one snapshot (zfs has no `-I`
+    /// from a bookmark).
+    Bookmark(String),
+}
+
+/// What to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendWhat {
+    /// `zfs send [FLAGS] [-I from | -i #bookmark] to`.
+    Snapshot {
+        from: Option<SendFrom>,
+        to: SnapshotName,
+    },
+    /// `zfs send [FLAGS] -t TOKEN`: continue a cut transfer.
+    Resume { token: String },
+}
+
+/// `zfs send` with the stream flags both ends support (`-L -e -c`, or
+/// `-w` for an encrypted dataset; see [`crate::caps::SendPath`]).
+pub fn send_argv(what: &SendWhat, flags: &[&str]) -> Vec<OsString> {
+    let mut v = os(&["send"]);
+    v.extend(os(flags));
+    match what {
+        SendWhat::Snapshot { from, to } => {
+            match from {
+                Some(SendFrom::Snapshot(s)) => v.extend(os(&["-I", s.as_str()])),
+                Some(SendFrom::Bookmark(b)) => v.extend(os(&["-i", b])),
+                None => {}
+            }
+            v.push(to.as_str().into());
+        }
+        SendWhat::Resume { token } => v.extend(os(&["-t", token])),
+    }
+    v
+}
+
+/// A receive-side property option (`--recv-option`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecvOption {
+    /// `-o PROP=VALUE`
+    Set(String, String),
+    /// `-x PROP`
+    Exclude(String),
+}
+
+impl RecvOption {
+    /// Parses `-o PROP=VALUE`, `-x PROP`, `o:PROP=VALUE` or `x:PROP`.
+    pub fn parse(s: &str) -> Result<RecvOption, String> {
+        let s = s.trim();
+        let (kind, rest) = if let Some(r) = s.strip_prefix("-o").or_else(|| s.strip_prefix("o:")) {
+            ('o', r.trim())
+        } else if let Some(r) = s.strip_prefix("-x").or_else(|| s.strip_prefix("x:")) {
+            ('x', r.trim())
+        } else {
+            return Err(format!(
+                "'{s}': a receive option is '-o PROPERTY=VALUE' or '-x PROPERTY' (for example --recv-option '-o readonly=on' --recv-option '-x mountpoint')"
+            ));
+        };
+        let valid_prop = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 256
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_:.-".contains(c))
+                && !p.starts_with('-')
+        };
+        match kind {
+            'o' => {
+                let (p, v) = rest.split_once('=').ok_or_else(|| {
+                    format!("'{s}': -o needs PROPERTY=VALUE, for example '-o readonly=on'")
+                })?;
+                if !valid_prop(p) {
+                    return Err(format!("'{s}': '{p}' is not a property name"));
+                }
+                if v.is_empty() || v.len() > 1024 || v.chars().any(|c| c.is_control()) {
+                    return Err(format!(
+                        "'{s}': the value must be 1 to 1024 printable characters"
+                    ));
+                }
+                Ok(RecvOption::Set(p.to_string(), v.to_string()))
+            }
+            _ => {
+                if !valid_prop(rest) {
+                    return Err(format!("'{s}': '{rest}' is not a property name"));
+                }
+                Ok(RecvOption::Exclude(rest.to_string()))
+            }
+        }
+    }
+
+    pub fn args(&self) -> [String; 2] {
+        match self {
+            RecvOption::Set(p, v) => ["-o".into(), format!("{p}={v}")],
+            RecvOption::Exclude(p) => ["-x".into(), p.clone()],
+        }
+    }
+}
+
+/// How a stream is received.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecvSpec {
+    /// `-F`: only for a full stream into an existing dataset that has no
+    /// snapshots (`--full`).
+    pub force: bool,
+    /// `-s`: a cut receive keeps a resume token.
+    pub resumable: bool,
+    /// `-o`/`-x` (`--recv-option`).
+    pub options: Vec<RecvOption>,
+}
+
+/// `zfs receive -u [-s] [-F] [-o ..] [-x ..] dest`. `-u`: a replica is never
+/// mounted by the receive. `-F` only for a full stream into an existing
+/// dataset that has no snapshots (`--full`); incrementals are received
+/// without it after a `zfs rollback` to the newest snapshot, which cannot
+/// destroy snapshots.
+pub fn receive_argv(dest: &DatasetName, spec: &RecvSpec) -> Vec<OsString> {
+    let mut v = os(&["receive", "-u"]);
+    if spec.resumable {
+        v.push("-s".into());
+    }
+    if spec.force {
+        v.push("-F".into());
+    }
+    for o in &spec.options {
+        v.extend(o.args().iter().map(OsString::from));
+    }
+    v.push(dest.as_str().into());
+    v
+}
+
+pub fn rename_argv(from: &DatasetName, to: &DatasetName) -> Vec<OsString> {
+    os(&["rename", from.as_str(), to.as_str()])
+}
+
+pub fn create_unmounted_argv(ds: &DatasetName) -> Vec<OsString> {
+    os(&["create", "-o", "mountpoint=none", ds.as_str()])
+}
+
+pub fn destroy_argv(ds: &DatasetName, recursive: bool) -> Vec<OsString> {
+    if recursive {
+        os(&["destroy", "-r", ds.as_str()])
+    } else {
+        os(&["destroy", ds.as_str()])
+    }
+}
+
+/// `zfs rollback snap`, never `-r`: it refuses when newer snapshots exist.
+pub fn rollback_argv(snap: &SnapshotName) -> Vec<OsString> {
+    os(&["rollback", snap.as_str()])
+}
+
+pub fn set_argv(ds: &DatasetName, prop: &str, value: &str) -> Vec<OsString> {
+    os(&["set", &format!("{prop}={value}"), ds.as_str()])
+}
+
+pub fn unmount_argv(ds: &DatasetName) -> Vec<OsString> {
+    os(&["unmount", ds.as_str()])
+}
+
+/// One property on many datasets in one call.
+pub fn set_many_argv(datasets: &[DatasetName], prop: &str, value: &str) -> Vec<OsString> {
+    let mut v = os(&["set", &format!("{prop}={value}")]);
+    v.extend(datasets.iter().map(|d| OsString::from(d.as_str())));
+    v
+}
+
+/// `zfs snapshot -r root@name`: one atomic snapshot of the whole tree.
+pub fn snapshot_recursive_argv(snap: &SnapshotName) -> Vec<OsString> {
+    os(&["snapshot", "-r", snap.as_str()])
+}
+
+/// `zfs destroy [-r] ds@snap`: a snapshot only (the name carries `@`).
+pub fn destroy_snapshot_argv(snap: &SnapshotName, recursive: bool) -> Vec<OsString> {
+    let mut v = os(&["destroy"]);
+    if recursive {
+        v.push("-r".into());
+    }
+    v.push(snap.as_str().into());
+    v
+}
+
+/// `zfs hold TAG snap...`
+pub fn hold_argv(tag: &str, snaps: &[SnapshotName]) -> Vec<OsString> {
+    let mut v = os(&["hold", tag]);
+    v.extend(snaps.iter().map(|s| OsString::from(s.as_str())));
+    v
+}
+
+/// `zfs release TAG snap...`
+pub fn release_argv(tag: &str, snaps: &[&str]) -> Vec<OsString> {
+    let mut v = os(&["release", tag]);
+    v.extend(snaps.iter().map(OsString::from));
+    v
+}
+
+/// `zfs holds -H snap...` (OpenZFS; zfs-fuse cannot list holds).
+pub fn holds_argv(snaps: &[&str]) -> Vec<OsString> {
+    let mut v = os(&["holds", "-H"]);
+    v.extend(snaps.iter().map(OsString::from));
+    v
+}
+
+/// The names of every snapshot under `root`.
+pub fn list_snapshots_argv(root: &DatasetName) -> Vec<OsString> {
+    os(&[
+        "list",
+        "-H",
+        "-r",
+        "-t",
+        "snapshot",
+        "-o",
+        "name",
+        root.as_str(),
+    ])
+}
+
+/// `zfs bookmark ds@snap ds#name`.
+pub fn bookmark_argv(snap: &SnapshotName, name: &str) -> Vec<OsString> {
+    let bm = format!("{}#{name}", snap.dataset());
+    os(&["bookmark", snap.as_str(), &bm])
+}
+
+/// `zfs destroy ds#name` (a bookmark only: the name carries `#`).
+pub fn destroy_bookmark_argv(ds: &DatasetName, name: &str) -> Vec<OsString> {
+    os(&["destroy", &format!("{ds}#{name}")])
+}
+
+/// `zfs send -n -v -P -t TOKEN`: what a token continues; sends nothing.
+pub fn resume_info_argv(token: &str) -> Vec<OsString> {
+    os(&["send", "-n", "-v", "-P", "-t", token])
+}
+
+/// `zfs receive -A dest`: discards a cut resumable receive's state.
+pub fn abort_resumable_argv(dest: &DatasetName) -> Vec<OsString> {
+    os(&["receive", "-A", dest.as_str()])
+}
+
+/// `zfs version` (OpenZFS 0.8 and later; zfs-fuse has none).
+pub fn version_argv() -> Vec<OsString> {
+    os(&["version"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds(s: &str) -> DatasetName {
+        DatasetName::new(s).unwrap()
+    }
+
+    fn strs(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn receive_options_are_checked() {
+        assert_eq!(
+            RecvOption::parse("-o readonly=on"),
+            Ok(RecvOption::Set("readonly".into(), "on".into()))
+        );
+        assert_eq!(
+            RecvOption::parse("x:mountpoint"),
+            Ok(RecvOption::Exclude("mountpoint".into()))
+        );
+        assert_eq!(
+            RecvOption::parse("-o com.example:owner=ops team"),
+            Ok(RecvOption::Set(
+                "com.example:owner".into(),
+                "ops team".into()
+            ))
+        );
+        for bad in [
+            "readonly=on",
+            "-o readonly",
+            "-o =on",
+            "-x",
+            "-x -F",
+            "-o a=b\nc",
+            "-o a b=c",
+        ] {
+            let bad = bad.replace("\\n", "\n");
+            let e = RecvOption::parse(&bad).unwrap_err();
+            assert!(e.contains('\''), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn argv_builders() {
+        let a = SnapshotName::new("p/a@s1").unwrap();
+        let b = SnapshotName::new("p/a@s2").unwrap();
+        let snap = |to: &SnapshotName, from: Option<SendFrom>| SendWhat::Snapshot {
+            from,
+            to: to.clone(),
+        };
+        assert_eq!(strs(send_argv(&snap(&b, None), &[])), ["send", "p/a@s2"]);
+        assert_eq!(
+            strs(send_argv(
+                &snap(&b, Some(SendFrom::Snapshot(a.clone()))),
+                &[]
+            )),
+            ["send", "-I", "p/a@s1", "p/a@s2"]
+        );
+        assert_eq!(
+            strs(send_argv(
+                &snap(&b, Some(SendFrom::Bookmark("p/a#s1".into()))),
+                &["-L", "-e", "-c"]
+            )),
+            ["send", "-L", "-e", "-c", "-i", "p/a#s1", "p/a@s2"]
+        );
+        assert_eq!(
+            strs(send_argv(
+                &SendWhat::Resume {
+                    token: "1-abc".into()
+                },
+                &["-w"]
+            )),
+            ["send", "-w", "-t", "1-abc"]
+        );
+        assert_eq!(
+            strs(receive_argv(&ds("q/a"), &RecvSpec::default())),
+            ["receive", "-u", "q/a"]
+        );
+        let spec = RecvSpec {
+            force: true,
+            resumable: true,
+            options: vec![
+                RecvOption::parse("-o readonly=on").unwrap(),
+                RecvOption::parse("-x mountpoint").unwrap(),
+            ],
+        };
+        assert_eq!(
+            strs(receive_argv(&ds("q/a"), &spec)),
+            [
+                "receive",
+                "-u",
+                "-s",
+                "-F",
+                "-o",
+                "readonly=on",
+                "-x",
+                "mountpoint",
+                "q/a"
+            ]
+        );
+        let extras = ListExtras {
+            bookmarks: true,
+            resume_token: true,
+            encryption: true,
+            userrefs: true,
+        };
+        assert_eq!(
+            strs(list_argv(&[&ds("p")], None, &[], extras)),
+            [
+                "get",
+                "-H",
+                "-p",
+                "-r",
+                "-t",
+                "filesystem,volume,snapshot,bookmark",
+                "-o",
+                "name,property,value,source",
+                "guid,createtxg,type,receive_resume_token,encryption,userrefs",
+                "p"
+            ]
+        );
+        // Asked for by the caller already: not twice.
+        assert!(strs(list_argv(&[&ds("p")], None, &["userrefs"], extras))
+            .iter()
+            .any(|a| a == "guid,createtxg,type,receive_resume_token,encryption,userrefs"));
+        assert_eq!(
+            strs(list_argv(
+                &[&ds("p"), &ds("q")],
+                None,
+                &[],
+                ListExtras::default()
+            )),
+            [
+                "get",
+                "-H",
+                "-p",
+                "-r",
+                "-o",
+                "name,property,value,source",
+                "guid,createtxg,type",
+                "p",
+                "q"
+            ]
+        );
+        assert_eq!(
+            strs(list_argv(
+                &[&ds("p/a")],
+                Some(1),
+                &[],
+                ListExtras::default()
+            ))[3..5],
+            ["-d".to_string(), "1".to_string()]
+        );
+        assert_eq!(
+            strs(create_unmounted_argv(&ds("p/b"))),
+            ["create", "-o", "mountpoint=none", "p/b"]
+        );
+        assert_eq!(
+            strs(destroy_argv(&ds("p/b"), true)),
+            ["destroy", "-r", "p/b"]
+        );
+        assert_eq!(strs(destroy_argv(&ds("p/b"), false)), ["destroy", "p/b"]);
+        let s = SnapshotName::new("p/b@s").unwrap();
+        assert_eq!(strs(rollback_argv(&s)), ["rollback", "p/b@s"]);
+        assert_eq!(
+            strs(set_argv(&ds("p/b"), "canmount", "noauto")),
+            ["set", "canmount=noauto", "p/b"]
+        );
+        assert_eq!(
+            strs(rename_argv(&ds("p/b"), &ds("p/c"))),
+            ["rename", "p/b", "p/c"]
+        );
+    }
+}
