@@ -344,11 +344,10 @@ fn a_busy_rename_is_retried_and_the_buffer_survives_a_receiver_restart() {
         let mut c = zfsync_common::client::Client::connect(&opts).await.unwrap();
         let ds = format!("{src}/a/b");
         let snaps = snapshots_of(&ds);
-        c.sync(
+        c.sync(&zfsync_common::protocol::SyncRequest::new(
             &zfsync_common::naming::RelPath::new("/a/b").unwrap(),
             &snaps,
-            false,
-        )
+        ))
         .await
         .unwrap();
         c.begin_stream(None, &snaps[0]).await.unwrap();

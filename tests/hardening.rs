@@ -465,10 +465,13 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
         ("an error trailer (Abort)", noise(1000, 7), None, true),
     ] {
         assert!(matches!(
-            c.sync(&fresh, std::slice::from_ref(&s1), false)
-                .await
-                .unwrap(),
-            Message::New { .. }
+            c.sync(&zfsync_common::protocol::SyncRequest::new(
+                &fresh,
+                std::slice::from_ref(&s1)
+            ))
+            .await
+            .unwrap(),
+            zfsync_common::protocol::SyncReply::New { .. }
         ));
         c.begin_stream(None, &s1).await.unwrap();
         for chunk in data.chunks(100_000) {
@@ -487,9 +490,12 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
         t.check(what, refused);
     }
     // A stream for a snapshot the sync did not announce.
-    c.sync(&fresh, std::slice::from_ref(&s1), false)
-        .await
-        .unwrap();
+    c.sync(&zfsync_common::protocol::SyncRequest::new(
+        &fresh,
+        std::slice::from_ref(&s1),
+    ))
+    .await
+    .unwrap();
     let other = Snapshot {
         name: SnapName::new("other").unwrap(),
         guid: 78,
@@ -508,7 +514,12 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
         },
         s1.clone(),
     ];
-    let _ = c.sync(&RelPath::root(), &existing, false).await;
+    let _ = c
+        .sync(&zfsync_common::protocol::SyncRequest::new(
+            &RelPath::root(),
+            &existing,
+        ))
+        .await;
     t.check(
         "an incremental from a base the target does not have",
         c.begin_stream(Some(12345), &s1).await.is_err(),
@@ -519,14 +530,13 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
     let mut honest = Client::connect(&opts).await.unwrap();
     assert!(matches!(
         honest
-            .sync(
+            .sync(&zfsync_common::protocol::SyncRequest::new(
                 &RelPath::new("/still").unwrap(),
-                std::slice::from_ref(&s1),
-                false
-            )
+                std::slice::from_ref(&s1)
+            ))
             .await
             .unwrap(),
-        Message::New { .. }
+        zfsync_common::protocol::SyncReply::New { .. }
     ));
     let rss = peak_rss_kib(recv.pid());
     println!(

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use zfsync_common::client::{Client, ClientOptions};
 use zfsync_common::naming::{RelPath, SnapName};
-use zfsync_common::protocol::{Message, WireSnap};
+use zfsync_common::protocol::{Message, SyncReply, WireSnap};
 use zfsync_common::zfs::Snapshot;
 use zfsync_e2e::*;
 
@@ -67,8 +67,10 @@ async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
     // The top dataset first.
     let top = snaps(&src);
     assert_eq!(
-        c.sync(&rel(""), &top, false).await.unwrap(),
-        Message::New { buffered: false }
+        c.sync(&zfsync_common::protocol::SyncRequest::new(&rel(""), &top))
+            .await
+            .unwrap(),
+        SyncReply::New { buffered: false }
     );
     stream(&mut c, &src, None, &top[0]).await;
     stream(&mut c, &src, Some(&top[0]), &top[1]).await;
@@ -78,8 +80,13 @@ async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
     let ab = format!("{src}/a/b");
     let ab_snaps = snaps(&ab);
     assert_eq!(
-        c.sync(&rel("/a/b"), &ab_snaps[..1], false).await.unwrap(),
-        Message::New { buffered: true }
+        c.sync(&zfsync_common::protocol::SyncRequest::new(
+            &rel("/a/b"),
+            &ab_snaps[..1]
+        ))
+        .await
+        .unwrap(),
+        SyncReply::New { buffered: true }
     );
     stream(&mut c, &ab, None, &ab_snaps[0]).await;
     let done = c.finish().await.unwrap();
@@ -103,8 +110,15 @@ async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
     );
 
     // A later incremental into the still-buffered dataset.
-    match c.sync(&rel("/a/b"), &ab_snaps, false).await.unwrap() {
-        Message::Incremental { count: 1, .. } => {}
+    match c
+        .sync(&zfsync_common::protocol::SyncRequest::new(
+            &rel("/a/b"),
+            &ab_snaps,
+        ))
+        .await
+        .unwrap()
+    {
+        SyncReply::Incremental { count: 1, .. } => {}
         other => panic!("expected an incremental, got {other:?}"),
     }
     stream(&mut c, &ab, Some(&ab_snaps[0]), &ab_snaps[1]).await;
@@ -128,8 +142,13 @@ async fn child_before_parent_goes_to_the_buffer_and_is_placed() {
     // The parent arrives; the next cleanbuffer places the child.
     let a_snaps = snaps(&format!("{src}/a"));
     assert_eq!(
-        c.sync(&rel("/a"), &a_snaps, false).await.unwrap(),
-        Message::New { buffered: false }
+        c.sync(&zfsync_common::protocol::SyncRequest::new(
+            &rel("/a"),
+            &a_snaps
+        ))
+        .await
+        .unwrap(),
+        SyncReply::New { buffered: false }
     );
     stream(&mut c, &format!("{src}/a"), None, &a_snaps[0]).await;
     stream(&mut c, &format!("{src}/a"), Some(&a_snaps[0]), &a_snaps[1]).await;
@@ -179,9 +198,12 @@ async fn data_left_in_the_buffer_is_placed_by_a_later_run() {
         .unwrap();
     let xy = format!("{src}/x/y");
     let s = snaps(&xy);
-    c.sync(&RelPath::new("/x/y").unwrap(), &s, false)
-        .await
-        .unwrap();
+    c.sync(&zfsync_common::protocol::SyncRequest::new(
+        &RelPath::new("/x/y").unwrap(),
+        &s,
+    ))
+    .await
+    .unwrap();
     stream(&mut c, &xy, None, &s[0]).await;
     c.finish().await.unwrap();
     c.bye().await;
@@ -298,10 +320,13 @@ async fn hostile_names_are_refused_and_nothing_changes() {
         createtxg: 9,
     }];
     assert!(matches!(
-        c2.sync(&RelPath::new("/fresh").unwrap(), &s, false)
-            .await
-            .unwrap(),
-        Message::New { buffered: false }
+        c2.sync(&zfsync_common::protocol::SyncRequest::new(
+            &RelPath::new("/fresh").unwrap(),
+            &s
+        ))
+        .await
+        .unwrap(),
+        SyncReply::New { buffered: false }
     ));
 }
 
@@ -518,8 +543,13 @@ fn sigterm_mid_transfer_aborts_the_receive_and_exits_0() {
             .await
             .unwrap();
         assert_eq!(
-            c.sync(&RelPath::root(), &s, false).await.unwrap(),
-            Message::New { buffered: false }
+            c.sync(&zfsync_common::protocol::SyncRequest::new(
+                &RelPath::root(),
+                &s
+            ))
+            .await
+            .unwrap(),
+            SyncReply::New { buffered: false }
         );
         c.begin_stream(None, &s[0]).await.unwrap();
         for chunk in data[..data.len() / 2].chunks(100_000) {
@@ -609,8 +639,15 @@ async fn hostile_streams_are_refused_and_no_snapshot_is_lost() {
     let mut c = Client::connect(&options(certs, recv.port, "hstream"))
         .await
         .unwrap();
-    match c.sync(&RelPath::root(), &s, false).await.unwrap() {
-        Message::Incremental { base_guid, .. } => assert_eq!(base_guid, s[1].guid),
+    match c
+        .sync(&zfsync_common::protocol::SyncRequest::new(
+            &RelPath::root(),
+            &s,
+        ))
+        .await
+        .unwrap()
+    {
+        SyncReply::Incremental { base_guid, .. } => assert_eq!(base_guid, s[1].guid),
         other => panic!("expected incremental, got {other:?}"),
     }
     let lying = send_bytes(&["-i", &format!("{src}@s1"), &format!("{src}@s3")]);
@@ -704,11 +741,17 @@ async fn two_connections_never_receive_into_one_dataset() {
         .unwrap();
     // The target does not exist yet: /x would go to the buffer.
     assert_eq!(
-        c1.sync(&x, &s, false).await.unwrap(),
-        Message::New { buffered: true }
+        c1.sync(&zfsync_common::protocol::SyncRequest::new(&x, &s))
+            .await
+            .unwrap(),
+        SyncReply::New { buffered: true }
     );
-    match c2.sync(&x, &s, false).await.unwrap() {
-        Message::Refused { reason, temporary } => {
+    match c2
+        .sync(&zfsync_common::protocol::SyncRequest::new(&x, &s))
+        .await
+        .unwrap()
+    {
+        SyncReply::Refused { reason, temporary } => {
             assert!(temporary && reason.contains("busy"), "{reason}")
         }
         other => panic!("a second connection got {other:?}"),
@@ -717,7 +760,12 @@ async fn two_connections_never_receive_into_one_dataset() {
     c1.bye().await;
     let mut freed = false;
     for _ in 0..50 {
-        if c2.sync(&x, &s, false).await.unwrap() == (Message::New { buffered: true }) {
+        if c2
+            .sync(&zfsync_common::protocol::SyncRequest::new(&x, &s))
+            .await
+            .unwrap()
+            == (zfsync_common::protocol::SyncReply::New { buffered: true })
+        {
             freed = true;
             break;
         }

@@ -16,10 +16,11 @@ use tokio_rustls::TlsConnector;
 
 use crate::caps::{Caps, SendPath};
 use crate::model::Snapshot;
-use crate::naming::RelPath;
 use crate::protocol::{
-    Connection, Message, PlaceFailure, ProtocolError, WireSnap, DATA_CHUNK, PROTOCOL_VERSION,
+    handshake, CleanReply, CleanRequest, Connection, FinishReply, Message, ProtocolError, Request,
+    Stored, StreamReply, StreamRequest, SyncReply, SyncRequest, WireSnap, DATA_CHUNK,
 };
+pub use crate::protocol::{CleanReport, Finished};
 use crate::tls::explain_client_error;
 
 pub type TlsConnection = Connection<TlsStream<TcpStream>>;
@@ -96,27 +97,6 @@ pub struct Client {
     path: SendPath,
 }
 
-/// The receiver's word on a finished dataset.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finished {
-    pub location: String,
-    pub buffered: bool,
-    /// Snapshots it destroyed to mirror the sender's retention.
-    pub pruned: Vec<String>,
-}
-
-/// The receiver's report at the end of a run.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CleanReport {
-    pub placed: Vec<String>,
-    pub failed: Vec<PlaceFailure>,
-    pub orphans: Vec<String>,
-    pub deleted: Vec<String>,
-}
-
-/// The receiver's answer to a sync request.
-pub type Reply = Message;
-
 impl Client {
     pub async fn connect(opts: &ClientOptions) -> Result<Client, ClientError> {
         let addr = format!("{}:{}", opts.host, opts.port);
@@ -143,38 +123,19 @@ impl Client {
             after: opts.connect_timeout,
         })?
         .map_err(|e| ClientError::Tls(explain_client_error(&e.to_string(), &opts.server_name)))?;
-        let conn = Connection::new(tls, opts.read_timeout, opts.read_timeout);
-        let mut client = Client {
-            conn,
-            peer: Caps::default(),
-            path: SendPath::default(),
-        };
-        client
-            .conn
-            .send(Message::Hello {
-                version: PROTOCOL_VERSION,
-                run_id: opts.run_id.clone(),
-                software: format!("zfsync {}", env!("CARGO_PKG_VERSION")),
-                zfs: opts.caps.version.clone(),
-                caps: opts.caps.names(),
-            })
-            .await
-            .map_err(|e| tls_rejection(e, &opts.server_name))?;
-        match client.conn.read_msg().await {
-            Ok(Message::HelloOk {
-                version, zfs, caps, ..
-            }) if version == PROTOCOL_VERSION => {
-                client.peer = Caps::from_names(&zfs, &caps);
-                client.path = SendPath::choose(&opts.caps, &client.peer);
-                Ok(client)
+        let mut conn = Connection::new(tls, opts.read_timeout, opts.read_timeout);
+        let peer = match handshake::client(&mut conn, &opts.run_id, &opts.caps).await {
+            Ok(peer) => peer,
+            Err(ProtocolError::Version { ours, theirs }) => {
+                return Err(ClientError::Version { ours, theirs })
             }
-            Ok(Message::HelloOk { version, .. }) => Err(ClientError::Version {
-                ours: PROTOCOL_VERSION,
-                theirs: version,
-            }),
-            Ok(other) => Err(unexpected(other, "hello_ok")),
-            Err(e) => Err(tls_rejection(e, &opts.server_name)),
-        }
+            Err(e) => return Err(tls_rejection(e, &opts.server_name)),
+        };
+        Ok(Client {
+            conn,
+            path: SendPath::choose(&opts.caps, &peer),
+            peer,
+        })
     }
 
     /// The receiver's `zfs` and its capabilities, from the handshake.
@@ -192,57 +153,28 @@ impl Client {
         &mut self.conn
     }
 
-    pub async fn sync(
+    /// Sends a request and reads its typed answer.
+    async fn ask<R: TryFrom<Message, Error = ProtocolError>>(
         &mut self,
-        path: &RelPath,
-        snapshots: &[Snapshot],
-        allow_full: bool,
-    ) -> Result<Reply, ClientError> {
-        self.sync_with(path, snapshots, &[], allow_full, false)
-            .await
+        req: Request,
+    ) -> Result<R, ClientError> {
+        self.conn.send(req.into()).await?;
+        Ok(R::try_from(self.conn.read_msg().await?)?)
     }
 
-    /// A sync request with the sender's bookmarks (incremental bases when
-    /// the snapshot itself is gone); `dry_run` asks for the answer only.
-    pub async fn sync_with(
-        &mut self,
-        path: &RelPath,
-        snapshots: &[Snapshot],
-        bookmarks: &[Snapshot],
-        allow_full: bool,
-        dry_run: bool,
-    ) -> Result<Reply, ClientError> {
-        self.conn
-            .send(Message::Sync {
-                path: path.as_str().to_string(),
-                snapshots: snapshots.iter().map(WireSnap::from).collect(),
-                bookmarks: bookmarks.iter().map(WireSnap::from).collect(),
-                allow_full,
-                dry_run,
-            })
-            .await?;
-        Ok(self.conn.read_msg().await?)
+    /// Asks what a dataset needs (`dry_run`: the answer only, with no
+    /// effect on the receiver).
+    pub async fn sync(&mut self, req: &SyncRequest) -> Result<SyncReply, ClientError> {
+        self.ask(Request::Sync(req.clone())).await
     }
 
     /// The token of a resumable state could not be used here: the receiver
     /// discards the state and answers as for the sync request.
-    pub async fn resume_failed(&mut self, reason: &str) -> Result<Reply, ClientError> {
-        self.conn
-            .send(Message::ResumeFailed {
-                reason: reason.to_string(),
-            })
-            .await?;
-        Ok(self.conn.read_msg().await?)
-    }
-
-    /// The receiver's answer without any effect on it (`--dry-run`).
-    pub async fn plan(
-        &mut self,
-        path: &RelPath,
-        snapshots: &[Snapshot],
-        allow_full: bool,
-    ) -> Result<Reply, ClientError> {
-        self.sync_with(path, snapshots, &[], allow_full, true).await
+    pub async fn resume_failed(&mut self, reason: &str) -> Result<SyncReply, ClientError> {
+        self.ask(Request::ResumeFailed {
+            reason: reason.to_string(),
+        })
+        .await
     }
 
     /// Announces a stream; the receiver checks it before any data flows.
@@ -269,17 +201,14 @@ impl Client {
         to: &Snapshot,
         resume: bool,
     ) -> Result<(), ClientError> {
-        self.conn
-            .send(Message::Stream {
-                from_guid,
-                to: WireSnap::from(to),
-                resume,
-            })
-            .await?;
-        match self.conn.read_msg().await? {
-            Message::Ready => Ok(()),
-            Message::StreamFailed { reason } => Err(ClientError::StreamFailed(reason)),
-            other => Err(unexpected(other, "ready")),
+        let req = Request::Stream(StreamRequest {
+            from_guid,
+            to: WireSnap::from(to),
+            resume,
+        });
+        match self.ask(req).await? {
+            StreamReply::Ready => Ok(()),
+            StreamReply::Failed { reason } => Err(ClientError::StreamFailed(reason)),
         }
     }
 
@@ -316,10 +245,9 @@ impl Client {
     /// Declares the stream whole; the receiver commits it and answers.
     pub async fn end_stream(&mut self, bytes: u64) -> Result<u64, ClientError> {
         self.conn.send(Message::End { bytes }).await?;
-        match self.conn.read_msg().await? {
-            Message::Received { bytes } => Ok(bytes),
-            Message::StreamFailed { reason } => Err(ClientError::StreamFailed(reason)),
-            other => Err(unexpected(other, "received")),
+        match Stored::try_from(self.conn.read_msg().await?)? {
+            Stored::Received { bytes } => Ok(bytes),
+            Stored::Failed { reason } => Err(ClientError::StreamFailed(reason)),
         }
     }
 
@@ -331,27 +259,20 @@ impl Client {
                 reason: reason.to_string(),
             })
             .await?;
-        match self.conn.read_msg().await? {
-            Message::StreamFailed { .. } => Ok(()),
-            other => Err(unexpected(other, "stream_failed")),
+        match Stored::try_from(self.conn.read_msg().await?)? {
+            Stored::Failed { .. } => Ok(()),
+            Stored::Received { .. } => Err(ClientError::Protocol(ProtocolError::Unexpected {
+                got: "received".into(),
+                expected: "stream_failed".into(),
+            })),
         }
     }
 
     /// Ends the dataset.
     pub async fn finish(&mut self) -> Result<Finished, ClientError> {
-        self.conn.send(Message::Finish).await?;
-        match self.conn.read_msg().await? {
-            Message::Done {
-                location,
-                buffered,
-                pruned,
-            } => Ok(Finished {
-                location,
-                buffered,
-                pruned,
-            }),
-            Message::Refused { reason, .. } => Err(ClientError::Refused(reason)),
-            other => Err(unexpected(other, "done")),
+        match self.ask(Request::Finish).await? {
+            FinishReply::Done(f) => Ok(f),
+            FinishReply::Refused { reason, .. } => Err(ClientError::Refused(reason)),
         }
     }
 
@@ -363,40 +284,20 @@ impl Client {
         delete_missing: bool,
         dry_run: bool,
     ) -> Result<CleanReport, ClientError> {
-        self.conn
-            .send(Message::CleanBuffer {
-                source_paths,
-                delete_missing,
-                dry_run,
-            })
-            .await?;
-        match self.conn.read_msg().await? {
-            Message::CleanReport {
-                placed,
-                failed,
-                orphans,
-                deleted,
-            } => Ok(CleanReport {
-                placed,
-                failed,
-                orphans,
-                deleted,
-            }),
-            Message::Refused { reason, .. } => Err(ClientError::Refused(reason)),
-            other => Err(unexpected(other, "clean_report")),
+        let req = Request::CleanBuffer(CleanRequest {
+            source_paths,
+            delete_missing,
+            dry_run,
+        });
+        match self.ask(req).await? {
+            CleanReply::Report(r) => Ok(r),
+            CleanReply::Refused { reason } => Err(ClientError::Refused(reason)),
         }
     }
 
     pub async fn bye(mut self) {
-        let _ = self.conn.send(Message::Bye).await;
+        let _ = self.conn.send(Request::Bye.into()).await;
     }
-}
-
-fn unexpected(got: Message, expected: &str) -> ClientError {
-    ClientError::Protocol(ProtocolError::Unexpected {
-        got: format!("message {}", got.name()),
-        expected: expected.to_string(),
-    })
 }
 
 /// With TLS 1.3 a rejected client certificate shows up on the first read

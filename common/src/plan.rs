@@ -21,8 +21,10 @@ pub enum TargetState<'a> {
     Present { snapshots: &'a [Snapshot] },
 }
 
-/// Why a dataset needs a full replacement.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why a dataset needs a full replacement. It travels in the receiver's
+/// answer, so the sender can say why (with both snapshot lists).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FullReason {
     /// The target has snapshots, none of which the source has.
     NoCommon { target: Vec<String> },

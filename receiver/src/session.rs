@@ -6,8 +6,6 @@
 //! `End{bytes}` has been checked. A cut, an `Abort`, a count mismatch or a
 //! shutdown kills the `zfs receive` instead: nothing half-sent is committed.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -15,7 +13,8 @@ use zfsync_common::caps::{Cap, Caps};
 use zfsync_common::naming::{is_reserved, DatasetName, RelPath};
 use zfsync_common::plan::{mirror, negotiate_with_bookmarks, Decision, FullReason, TargetState};
 use zfsync_common::protocol::{
-    Connection, Frame, Message, PlaceFailure, ProtocolError, WireSnap, PROTOCOL_VERSION,
+    handshake, CleanReport, Connection, FinishReply, Finished, Frame, Message, PlaceFailure,
+    ProtocolError, Request, Stored, StreamReply, StreamRequest, SyncReply, SyncRequest,
 };
 use zfsync_common::stream::{check_head, feature_names, HEAD_MAX};
 use zfsync_common::zfs::{RecvSpec, Snapshot, ZfsChild};
@@ -65,15 +64,8 @@ struct Open {
     resume_offered: bool,
 }
 
-/// A sync request, kept while a `Resume` offer is open: a `ResumeFailed`
+/// A sync request is kept while a `Resume` offer is open: a `ResumeFailed`
 /// is answered as this request would have been without the offer.
-struct SyncRequest {
-    path: String,
-    snapshots: Vec<WireSnap>,
-    bookmarks: Vec<WireSnap>,
-    allow_full: bool,
-}
-
 pub struct Session<'a, S> {
     target: &'a Target,
     conn: Connection<S>,
@@ -89,11 +81,8 @@ pub struct Session<'a, S> {
     resume_request: Option<SyncRequest>,
 }
 
-fn refused(reason: impl Into<String>) -> Message {
-    Message::Refused {
-        reason: reason.into(),
-        temporary: false,
-    }
+fn refused(reason: impl Into<String>) -> SyncReply {
+    SyncReply::refused(reason)
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
@@ -141,52 +130,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     async fn serve_inner(&mut self) -> Result<(), ProtocolError> {
-        match self.next_frame().await? {
-            Some(Frame::Msg(Message::Hello {
-                version,
-                run_id,
-                zfs,
-                caps,
-                ..
-            })) => {
-                if version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::Unexpected {
-                        got: format!("protocol version {version}"),
-                        expected: format!("version {PROTOCOL_VERSION}; install the same zfsync version on both hosts"),
-                    });
-                }
-                if run_id.len() > 128 {
-                    return Err(ProtocolError::BadFrame("run id too long".into()));
-                }
-                if let Err(e) = self.target.refresh_for_run(&run_id).await {
-                    tracing::error!(peer = %self.peer, "cannot list the target: {e}");
-                    return Err(ProtocolError::Local(format!(
-                        "the receiver cannot list its target: {e}"
-                    )));
-                }
-                if zfs.len() > 256 || caps.len() > 64 {
-                    return Err(ProtocolError::BadFrame("capabilities too long".into()));
-                }
-                self.peer_caps = Caps::from_names(&zfs, &caps);
-                tracing::debug!(peer = %self.peer, caps = %self.peer_caps, "sender's zfs");
-                let local = self.target.zfs.caps();
-                self.conn
-                    .send(Message::HelloOk {
-                        version: PROTOCOL_VERSION,
-                        software: format!("zfsync {}", env!("CARGO_PKG_VERSION")),
-                        zfs: local.version.clone(),
-                        caps: local.names(),
-                    })
-                    .await?;
-            }
-            None => return Ok(()),
-            Some(other) => {
-                return Err(ProtocolError::Unexpected {
-                    got: other.describe(),
-                    expected: "hello".into(),
-                })
-            }
+        let first = self.next_frame().await?;
+        let Some(hello) = handshake::check_hello(first)? else {
+            return Ok(());
+        };
+        if let Err(e) = self.target.refresh_for_run(&hello.run_id).await {
+            tracing::error!(peer = %self.peer, "cannot list the target: {e}");
+            return Err(ProtocolError::Local(format!(
+                "the receiver cannot list its target: {e}"
+            )));
         }
+        self.peer_caps = hello.caps;
+        tracing::debug!(peer = %self.peer, caps = %self.peer_caps, software = %hello.software, "sender's zfs");
+        handshake::welcome(&mut self.conn, &self.target.zfs.caps()).await?;
         loop {
             let msg = match self.next_frame().await? {
                 None => return Ok(()),
@@ -196,31 +152,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         expected: "a message (data only after stream)".into(),
                     })
                 }
-                Some(Frame::Msg(m)) => m,
+                Some(Frame::Msg(m)) => Request::try_from(m)?,
             };
-            let reply = match msg {
-                Message::Sync {
-                    path,
-                    snapshots,
-                    bookmarks,
-                    allow_full,
-                    dry_run,
-                } => {
+            let reply: Message = match msg {
+                Request::Sync(req) => {
                     self.resume_request = None;
                     self.abandon().await;
-                    let req = SyncRequest {
-                        path,
-                        snapshots,
-                        bookmarks,
-                        allow_full,
-                    };
-                    let reply = self.sync(&req, dry_run, false).await;
-                    if matches!(reply, Message::Resume { .. }) && !dry_run {
+                    let reply = self.sync(&req, false).await;
+                    if matches!(reply, SyncReply::Resume { .. }) && !req.dry_run {
                         self.resume_request = Some(req);
                     }
-                    reply
+                    reply.into()
                 }
-                Message::ResumeFailed { reason } => {
+                Request::ResumeFailed { reason } => {
                     let offered = self.open.as_ref().is_some_and(|o| o.resume_offered);
                     let Some(req) = self.resume_request.take().filter(|_| offered) else {
                         return Err(ProtocolError::Unexpected {
@@ -230,13 +174,17 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     };
                     tracing::warn!(peer = %self.peer, path = %req.path, "the sender cannot resume: {reason}; discarding the partial receive and planning again");
                     self.abandon().await;
-                    self.sync(&req, false, true).await
+                    self.sync(
+                        &SyncRequest {
+                            dry_run: false,
+                            ..req
+                        },
+                        true,
+                    )
+                    .await
+                    .into()
                 }
-                Message::Stream {
-                    from_guid,
-                    to,
-                    resume,
-                } => {
+                Request::Stream(stream) => {
                     self.resume_request = None;
                     if self.open.is_none() {
                         return Err(ProtocolError::Unexpected {
@@ -244,28 +192,24 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                             expected: "sync first".into(),
                         });
                     }
-                    match self.check_stream(from_guid, &to, resume) {
-                        Err(reason) => Message::StreamFailed { reason },
+                    match self.check_stream(&stream) {
+                        Err(reason) => StreamReply::Failed { reason }.into(),
                         Ok(plan) => {
-                            self.conn.send(Message::Ready).await?;
-                            self.receive(plan).await?
+                            self.conn.send(StreamReply::Ready.into()).await?;
+                            self.receive(plan).await?.into()
                         }
                     }
                 }
-                Message::Finish => match self.open.take() {
+                Request::Finish => match self.open.take() {
                     None => {
                         return Err(ProtocolError::Unexpected {
                             got: "finish".into(),
                             expected: "sync first".into(),
                         })
                     }
-                    Some(open) => self.finish(open).await,
+                    Some(open) => self.finish(open).await.into(),
                 },
-                Message::CleanBuffer {
-                    source_paths,
-                    delete_missing,
-                    dry_run,
-                } => {
+                Request::CleanBuffer(clean) => {
                     if std::mem::replace(&mut self.cleaned, true) {
                         return Err(ProtocolError::Unexpected {
                             got: "a second cleanbuffer".into(),
@@ -273,22 +217,20 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         });
                     }
                     self.abandon().await;
-                    let mut report = if dry_run {
+                    let mut report = if clean.dry_run {
                         self.would_place()
                     } else {
                         self.clean_buffer().await
                     };
-                    self.orphans(&source_paths, delete_missing && !dry_run, &mut report)
-                        .await;
-                    report
+                    self.orphans(
+                        &clean.source_paths,
+                        clean.delete_missing && !clean.dry_run,
+                        &mut report,
+                    )
+                    .await;
+                    zfsync_common::protocol::CleanReply::Report(report).into()
                 }
-                Message::Bye => return Ok(()),
-                other => {
-                    return Err(ProtocolError::Unexpected {
-                        got: format!("message {}", other.name()),
-                        expected: "sync, stream, finish, cleanbuffer or bye".into(),
-                    })
-                }
+                Request::Bye => return Ok(()),
             };
             self.conn.send(reply).await?;
         }
@@ -328,8 +270,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 
     /// Answers a sync request. `discard_resume`: the sender could not use
     /// the resume offer, so a partial state is thrown away (`receive -A`).
-    async fn sync(&mut self, req: &SyncRequest, dry_run: bool, discard_resume: bool) -> Message {
+    async fn sync(&mut self, req: &SyncRequest, discard_resume: bool) -> SyncReply {
         let (path, snapshots, allow_full) = (&req.path, &req.snapshots, req.allow_full);
+        let dry_run = req.dry_run;
         let rel = match RelPath::new(path) {
             Ok(r) => r,
             Err(e) => {
@@ -371,7 +314,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             None
         } else {
             let Some(lock) = self.target.try_lock(&rel) else {
-                return Message::Refused {
+                return SyncReply::Refused {
                     reason: format!(
                         "{rel} is busy: another connection is receiving into it; try again later"
                     ),
@@ -403,7 +346,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                             resume_offered: true,
                         });
                     }
-                    return Message::Resume { token };
+                    return SyncReply::Resume { token };
                 }
                 if dry_run {
                     return refused(format!(
@@ -454,16 +397,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             // The answer alone: nothing is created, locked or destroyed.
             return match decision {
                 Decision::NoSnapshots => refused(format!("{rel} has no snapshots to send")),
-                Decision::UpToDate { snapshot } => Message::UpToDate { snapshot },
-                Decision::Incremental { base_guid, count } => Message::Incremental {
+                Decision::UpToDate { snapshot } => SyncReply::UpToDate { snapshot },
+                Decision::Incremental { base_guid, count } => SyncReply::Incremental {
                     base_guid,
                     count: count as u64,
                 },
-                Decision::New { buffered } => Message::New { buffered },
-                Decision::Full { reason, accepted } => Message::Full {
-                    reason: reason.to_string(),
-                    accepted,
-                },
+                Decision::New { buffered } => SyncReply::New { buffered },
+                Decision::Full { reason, accepted } => SyncReply::Full { reason, accepted },
             };
         }
         let Some(lock) = lock else {
@@ -481,13 +421,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         };
         match decision {
             Decision::NoSnapshots => refused(format!("{rel} has no snapshots to send")),
-            Decision::UpToDate { snapshot } => Message::UpToDate { snapshot },
+            Decision::UpToDate { snapshot } => SyncReply::UpToDate { snapshot },
             Decision::Incremental { base_guid, count } => {
                 let Some(dest) = current else {
                     return refused("internal error: incremental without a dataset");
                 };
                 self.open = Some(open(dest, buffered, Mode::Direct));
-                Message::Incremental {
+                SyncReply::Incremental {
                     base_guid,
                     count: count as u64,
                 }
@@ -511,13 +451,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     in_place
                 };
                 self.open = Some(open(dest, buffered, Mode::Direct));
-                Message::New { buffered }
+                SyncReply::New { buffered }
             }
             Decision::Full {
                 reason,
                 accepted: false,
-            } => Message::Full {
-                reason: reason.to_string(),
+            } => SyncReply::Full {
+                reason,
                 accepted: false,
             },
             Decision::Full {
@@ -530,8 +470,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 if reason == FullReason::TargetHasNoSnapshots {
                     tracing::info!(peer = %self.peer, %rel, "--full into {replaces}, which has no snapshots");
                     self.open = Some(open(replaces, buffered, Mode::Overwrite));
-                    return Message::Full {
-                        reason: reason.to_string(),
+                    return SyncReply::Full {
+                        reason,
                         accepted: true,
                     };
                 }
@@ -563,8 +503,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }
                 tracing::info!(peer = %self.peer, %rel, "full replacement requested: {reason}");
                 self.open = Some(open(temp, buffered, Mode::Replace { replaces }));
-                Message::Full {
-                    reason: reason.to_string(),
+                SyncReply::Full {
+                    reason,
                     accepted: true,
                 }
             }
@@ -575,12 +515,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// destination: the snapshot must be one the sender announced, and the
     /// stream must start from the destination's newest snapshot (or from
     /// nothing for a new dataset).
-    fn check_stream(
-        &self,
-        from_guid: Option<u64>,
-        to: &WireSnap,
-        resume: bool,
-    ) -> Result<Planned, String> {
+    fn check_stream(&self, req: &StreamRequest) -> Result<Planned, String> {
+        let (from_guid, to, resume) = (req.from_guid, &req.to, req.resume);
         let open = self.open.as_ref().ok_or("no dataset in progress")?;
         let to = to
             .validate()
@@ -685,9 +621,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// it one behind, so the last (with the END record) waits for `End`.
     /// Protocol errors (the connection is unusable) are returned as `Err`;
     /// a stream that could not be stored is `Ok(StreamFailed)`.
-    async fn receive(&mut self, plan: Planned) -> Result<Message, ProtocolError> {
+    async fn receive(&mut self, plan: Planned) -> Result<Stored, ProtocolError> {
         let Some(open) = self.open.as_ref() else {
-            return Ok(Message::StreamFailed {
+            return Ok(Stored::Failed {
                 reason: "no dataset in progress".into(),
             });
         };
@@ -758,17 +694,17 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }
                 Frame::Msg(Message::End { bytes }) => {
                     if let Some(reason) = refused {
-                        return Ok(Message::StreamFailed { reason });
+                        return Ok(Stored::Failed { reason });
                     }
                     let Some((mut child, mut stdin)) = running.take() else {
-                        return Ok(Message::StreamFailed {
+                        return Ok(Stored::Failed {
                             reason: "the stream is too short to be a zfs send stream".into(),
                         });
                     };
                     if bytes != total {
                         abort_receive(stdin, child).await;
                         let _ = self.target.refresh(&dest).await;
-                        return Ok(Message::StreamFailed {
+                        return Ok(Stored::Failed {
                             reason: format!(
                                 "the sender announced {bytes} bytes but {total} arrived; the last snapshot was not committed"
                             ),
@@ -782,6 +718,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     let _ = self.target.refresh(&dest).await;
                     return Ok(match result {
                         Err(e) => {
+                            let unsupported =
+                                matches!(e, zfsync_common::zfs::ZfsError::UnsupportedStreamFeature { .. });
                             let mut reason = e.to_string();
                             if plan.resume {
                                 // zfs itself refused the continuation: the
@@ -793,7 +731,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                                 }
                                 let _ = self.target.refresh(&dest).await;
                             }
-                            if reason.contains("unsupported feature") {
+                            if unsupported {
                                 // Name what the local zfs lacks (zfs-fuse
                                 // receiving from OpenZFS, say).
                                 reason.push_str(&format!(
@@ -803,7 +741,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                                 ));
                             }
                             tracing::warn!(peer = %self.peer, %dest, "zfs receive failed: {reason}");
-                            Message::StreamFailed { reason }
+                            Stored::Failed { reason }
                         }
                         Ok(()) => match self.target.newest(&dest) {
                             Some(n) if n.guid == plan.to.guid => {
@@ -811,9 +749,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                                     self.never_automount(&dest).await;
                                 }
                                 tracing::info!(peer = %self.peer, %dest, snapshot = %plan.to.name, bytes, "received");
-                                Message::Received { bytes }
+                                Stored::Received { bytes }
                             }
-                            _ => Message::StreamFailed {
+                            _ => Stored::Failed {
                                 reason: format!(
                                     "the stream did not end at the announced snapshot @{} (guid {})",
                                     plan.to.name, plan.to.guid
@@ -828,7 +766,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         let _ = self.target.refresh(&dest).await;
                     }
                     tracing::warn!(peer = %self.peer, %dest, "sender aborted the stream: {reason}");
-                    return Ok(Message::StreamFailed {
+                    return Ok(Stored::Failed {
                         reason: format!("aborted by the sender: {reason}"),
                     });
                 }
@@ -904,16 +842,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
-    async fn finish(&mut self, open: Open) -> Message {
+    async fn finish(&mut self, open: Open) -> FinishReply {
         let newest = self.target.newest(&open.dest).map(|n| n.guid);
         if newest != open.announced.last().map(|s| s.guid) {
             let rel = open.rel.clone();
             // A half-built replacement is removed; the old copy stays.
             self.open = Some(open);
             self.abandon().await;
-            return refused(format!(
-                "{rel} did not receive every snapshot up to the sender's newest; not finishing it"
-            ));
+            return FinishReply::Refused {
+                reason: format!(
+                    "{rel} did not receive every snapshot up to the sender's newest; not finishing it"
+                ),
+                temporary: false,
+            };
         }
         if let Some(newest) = open.announced.last() {
             // Before the mirrored retention, which may destroy the
@@ -921,19 +862,22 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             self.move_hold(&open.dest, newest).await;
         }
         match &open.mode {
-            Mode::Direct | Mode::Overwrite => Message::Done {
+            Mode::Direct | Mode::Overwrite => FinishReply::Done(Finished {
                 location: open.dest.to_string(),
                 buffered: open.buffered,
                 pruned: self.mirror_retention(&open.dest, &open.announced).await,
-            },
+            }),
             Mode::Replace { replaces } => match self.replace(&open.dest, replaces, &open.rel).await
             {
-                Ok(()) => Message::Done {
+                Ok(()) => FinishReply::Done(Finished {
                     location: replaces.to_string(),
                     buffered: open.buffered,
                     pruned: Vec::new(),
+                }),
+                Err(reason) => FinishReply::Refused {
+                    reason,
+                    temporary: false,
                 },
-                Err(e) => refused(e),
             },
         }
     }
@@ -1104,7 +1048,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     /// Places buffered datasets, parents first. Keeps going past failures.
-    async fn clean_buffer(&mut self) -> Message {
+    async fn clean_buffer(&mut self) -> CleanReport {
         let mut placed = Vec::new();
         let mut failed = Vec::new();
         for (rel, buffered) in self.target.buffered() {
@@ -1158,7 +1102,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 Err(e) => tracing::warn!("cannot remove the empty buffer {buf}: {e}"),
             }
         }
-        Message::CleanReport {
+        CleanReport {
             placed,
             failed,
             orphans: Vec::new(),
@@ -1167,7 +1111,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     /// What [`Session::clean_buffer`] would place, changing nothing.
-    fn would_place(&self) -> Message {
+    fn would_place(&self) -> CleanReport {
         let buffered = self.target.buffered();
         let waiting: Vec<&RelPath> = buffered.iter().map(|(r, _)| r).collect();
         let mut placed = Vec::new();
@@ -1189,7 +1133,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }),
             }
         }
-        Message::CleanReport {
+        CleanReport {
             placed,
             failed,
             orphans: Vec::new(),
@@ -1200,13 +1144,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// Fills in the replicas whose source is gone and, with `delete`,
     /// destroys them: only whole subtrees that zfsync created
     /// (`zfsync:replica` = their GUID) and that are all orphaned.
-    async fn orphans(&self, source_paths: &[String], delete: bool, report: &mut Message) {
-        let Message::CleanReport {
+    async fn orphans(&self, source_paths: &[String], delete: bool, report: &mut CleanReport) {
+        let CleanReport {
             orphans, deleted, ..
-        } = report
-        else {
-            return;
-        };
+        } = report;
         let source: std::collections::HashSet<&str> =
             source_paths.iter().map(String::as_str).collect();
         // An honest sender always lists its top dataset: without it the
@@ -1300,5 +1241,3 @@ pub struct Shared {
     /// CA signed.
     pub allow_clients: Vec<String>,
 }
-
-pub type SharedRef = Arc<Shared>;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use zfsync_common::client::{CleanReport, Client, ClientError, ClientOptions};
 use zfsync_common::naming::{tool_snapshot, DatasetName, RelPath, SnapClass, SnapshotName};
-use zfsync_common::plan::{steps_with_bookmarks, Decision, FullReason, Step};
-use zfsync_common::protocol::Message;
+use zfsync_common::plan::{steps_with_bookmarks, Decision, Step};
+use zfsync_common::protocol::{SyncReply, SyncRequest};
 use zfsync_common::zfs::{Backend, Dataset, SendFrom, SendWhat, Snapshot, ZfsBackend, ZfsError};
 
 use crate::summary::{human_bytes, Outcome, SendKind, Status};
@@ -266,7 +266,7 @@ async fn take_snapshot(opts: &Options, class: SnapClass, stamp: &str) -> Result<
                 tracing::info!(%snap, "snapshot taken");
                 return Ok(snap.to_string());
             }
-            Err(e) if tries < 3 && e.to_string().contains("already exists") => {
+            Err(ZfsError::SnapshotExists { .. }) if tries < 3 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(1000)).await;
                 stamp = chrono::Local::now().format("%y%m%d-%H%M%S").to_string();
@@ -387,16 +387,16 @@ async fn sync_one(
     } else {
         &[]
     };
-    let mut reply = match client
-        .sync_with(&job.rel, snaps, bookmarks, opts.allow_full, opts.dry_run)
-        .await
-    {
+    let request = SyncRequest::new(&job.rel, snaps)
+        .bookmarks(bookmarks)
+        .allow_full(opts.allow_full);
+    let mut reply = match client.sync(&request.clone().dry_run(opts.dry_run)).await {
         Ok(r) => r,
         Err(e) => return failed(e),
     };
     // A transfer cut in an earlier run: go on from where it stopped.
     let mut resumed = 0u64;
-    if let Message::Resume { token } = &reply {
+    if let SyncReply::Resume { token } = &reply {
         if opts.dry_run {
             return (
                 Status::Planned {
@@ -409,10 +409,7 @@ async fn sync_one(
         match resume(client, opts, job, &token).await {
             Ok(bytes) => {
                 resumed = bytes;
-                reply = match client
-                    .sync_with(&job.rel, snaps, bookmarks, opts.allow_full, false)
-                    .await
-                {
+                reply = match client.sync(&request).await {
                     Ok(r) => r,
                     Err(e) => return failed(e),
                 };
@@ -430,7 +427,7 @@ async fn sync_one(
     let newest = snaps.last().map(|s| s.name.to_string()).unwrap_or_default();
     if opts.dry_run {
         let what = match &reply {
-            Message::Incremental { base_guid, count } => {
+            SyncReply::Incremental { base_guid, count } => {
                 let base = snaps
                     .iter()
                     .find(|s| s.guid == *base_guid)
@@ -440,12 +437,12 @@ async fn sync_one(
                     "would send incremental @{base}..@{newest}, {count} snapshot(s)"
                 ))
             }
-            Message::New { buffered } => Some(format!(
+            SyncReply::New { buffered } => Some(format!(
                 "would send full ..@{newest}, {} snapshot(s){}",
                 snaps.len(),
                 if *buffered { ", into the buffer" } else { "" }
             )),
-            Message::Full {
+            SyncReply::Full {
                 reason,
                 accepted: true,
             } => Some(format!("would replace the receiver's copy ({reason})")),
@@ -456,7 +453,7 @@ async fn sync_one(
         }
     }
     let (decision, kind, count) = match reply {
-        Message::UpToDate { snapshot } if resumed > 0 => {
+        SyncReply::UpToDate { snapshot } if resumed > 0 => {
             return (
                 Status::Sent {
                     kind: SendKind::Incremental,
@@ -471,8 +468,8 @@ async fn sync_one(
                 false,
             )
         }
-        Message::UpToDate { snapshot } => return (Status::UpToDate { snapshot }, false),
-        Message::Incremental { base_guid, count } => (
+        SyncReply::UpToDate { snapshot } => return (Status::UpToDate { snapshot }, false),
+        SyncReply::Incremental { base_guid, count } => (
             Decision::Incremental {
                 base_guid,
                 count: count as usize,
@@ -480,22 +477,22 @@ async fn sync_one(
             SendKind::Incremental,
             count as usize,
         ),
-        Message::New { buffered } => (Decision::New { buffered }, SendKind::Full, snaps.len()),
-        Message::Full {
+        SyncReply::New { buffered } => (Decision::New { buffered }, SendKind::Full, snaps.len()),
+        SyncReply::Full {
             reason,
             accepted: true,
         } => {
             tracing::warn!(dataset = %job.dataset.name, "replacing the receiver's copy (--full): {reason}");
             (
-            Decision::Full {
-                reason: FullReason::TargetHasNoSnapshots,
-                accepted: true,
-            },
-            SendKind::Replaced,
-            snaps.len(),
-        )
+                Decision::Full {
+                    reason,
+                    accepted: true,
+                },
+                SendKind::Replaced,
+                snaps.len(),
+            )
         }
-        Message::Full {
+        SyncReply::Full {
             reason,
             accepted: false,
         } => {
@@ -508,7 +505,7 @@ async fn sync_one(
                 false,
             )
         }
-        Message::Refused { reason, temporary } => {
+        SyncReply::Refused { reason, temporary } => {
             *busy = temporary;
             return (
                 Status::Failed {
@@ -517,10 +514,10 @@ async fn sync_one(
                 false,
             )
         }
-        other => {
+        SyncReply::Resume { .. } => {
             return (
                 Status::Failed {
-                    reason: format!("unexpected reply {} from the receiver", other.name()),
+                    reason: "the receiver offered a resume twice; run again".into(),
                 },
                 true,
             )
@@ -585,11 +582,7 @@ async fn resume(
     let info = match opts.zfs.resume_info(token).await {
         Ok(i) => i,
         // The token's snapshot is gone or is another one: stale.
-        Err(ZfsError::Failed { stderr, .. })
-            if stderr.contains("no longer exists")
-                || stderr.contains("not the same")
-                || stderr.contains("does not exist") =>
-        {
+        Err(ZfsError::ResumeTokenStale { stderr, .. }) => {
             return Err(ResumeError::Stale(stderr));
         }
         Err(ZfsError::DoesNotExist { name }) => {

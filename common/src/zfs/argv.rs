@@ -360,43 +360,31 @@ mod tests {
         }
     }
 
+    fn snap(s: &str) -> SnapshotName {
+        SnapshotName::new(s).unwrap()
+    }
+
+    /// `builder(..) => [expected argv]` rows, each named by its call.
+    macro_rules! rows {
+        ($($call:expr => $want:expr),* $(,)?) => {
+            vec![$((stringify!($call), $call, &$want[..])),*]
+        };
+    }
+
     #[test]
     fn argv_builders() {
-        let a = SnapshotName::new("p/a@s1").unwrap();
-        let b = SnapshotName::new("p/a@s2").unwrap();
-        let snap = |to: &SnapshotName, from: Option<SendFrom>| SendWhat::Snapshot {
-            from,
-            to: to.clone(),
+        let send = |to: &str, from: Option<SendFrom>| SendWhat::Snapshot { from, to: snap(to) };
+        let resume = SendWhat::Resume {
+            token: "1-abc".into(),
         };
-        assert_eq!(strs(send_argv(&snap(&b, None), &[])), ["send", "p/a@s2"]);
-        assert_eq!(
-            strs(send_argv(
-                &snap(&b, Some(SendFrom::Snapshot(a.clone()))),
-                &[]
-            )),
-            ["send", "-I", "p/a@s1", "p/a@s2"]
-        );
-        assert_eq!(
-            strs(send_argv(
-                &snap(&b, Some(SendFrom::Bookmark("p/a#s1".into()))),
-                &["-L", "-e", "-c"]
-            )),
-            ["send", "-L", "-e", "-c", "-i", "p/a#s1", "p/a@s2"]
-        );
-        assert_eq!(
-            strs(send_argv(
-                &SendWhat::Resume {
-                    token: "1-abc".into()
-                },
-                &["-w"]
-            )),
-            ["send", "-w", "-t", "1-abc"]
-        );
-        assert_eq!(
-            strs(receive_argv(&ds("q/a"), &RecvSpec::default())),
-            ["receive", "-u", "q/a"]
-        );
-        let spec = RecvSpec {
+        let all = ListExtras {
+            bookmarks: true,
+            resume_token: true,
+            encryption: true,
+            userrefs: true,
+        };
+        let none = ListExtras::default();
+        let recv_all = RecvSpec {
             force: true,
             resumable: true,
             options: vec![
@@ -404,91 +392,78 @@ mod tests {
                 RecvOption::parse("-x mountpoint").unwrap(),
             ],
         };
-        assert_eq!(
-            strs(receive_argv(&ds("q/a"), &spec)),
-            [
-                "receive",
-                "-u",
-                "-s",
-                "-F",
-                "-o",
-                "readonly=on",
-                "-x",
-                "mountpoint",
-                "q/a"
-            ]
-        );
-        let extras = ListExtras {
-            bookmarks: true,
-            resume_token: true,
-            encryption: true,
-            userrefs: true,
-        };
-        assert_eq!(
-            strs(list_argv(&[&ds("p")], None, &[], extras)),
-            [
-                "get",
-                "-H",
-                "-p",
-                "-r",
-                "-t",
-                "filesystem,volume,snapshot,bookmark",
-                "-o",
-                "name,property,value,source",
+        let table: Vec<(&str, Vec<OsString>, &[&str])> = rows![
+            list_argv(&[&ds("p")], None, &[], all) => [
+                "get", "-H", "-p", "-r",
+                "-t", "filesystem,volume,snapshot,bookmark",
+                "-o", "name,property,value,source",
                 "guid,createtxg,type,receive_resume_token,encryption,userrefs",
-                "p"
-            ]
-        );
-        // Asked for by the caller already: not twice.
-        assert!(strs(list_argv(&[&ds("p")], None, &["userrefs"], extras))
-            .iter()
-            .any(|a| a == "guid,createtxg,type,receive_resume_token,encryption,userrefs"));
-        assert_eq!(
-            strs(list_argv(
-                &[&ds("p"), &ds("q")],
-                None,
-                &[],
-                ListExtras::default()
-            )),
-            [
-                "get",
-                "-H",
-                "-p",
-                "-r",
-                "-o",
-                "name,property,value,source",
-                "guid,createtxg,type",
                 "p",
-                "q"
-            ]
-        );
-        assert_eq!(
-            strs(list_argv(
-                &[&ds("p/a")],
-                Some(1),
-                &[],
-                ListExtras::default()
-            ))[3..5],
-            ["-d".to_string(), "1".to_string()]
-        );
-        assert_eq!(
-            strs(create_unmounted_argv(&ds("p/b"))),
-            ["create", "-o", "mountpoint=none", "p/b"]
-        );
-        assert_eq!(
-            strs(destroy_argv(&ds("p/b"), true)),
-            ["destroy", "-r", "p/b"]
-        );
-        assert_eq!(strs(destroy_argv(&ds("p/b"), false)), ["destroy", "p/b"]);
-        let s = SnapshotName::new("p/b@s").unwrap();
-        assert_eq!(strs(rollback_argv(&s)), ["rollback", "p/b@s"]);
-        assert_eq!(
-            strs(set_argv(&ds("p/b"), "canmount", "noauto")),
-            ["set", "canmount=noauto", "p/b"]
-        );
-        assert_eq!(
-            strs(rename_argv(&ds("p/b"), &ds("p/c"))),
-            ["rename", "p/b", "p/c"]
-        );
+            ],
+            // Asked for by the caller already: not twice.
+            list_argv(&[&ds("p")], None, &["userrefs"], all) => [
+                "get", "-H", "-p", "-r",
+                "-t", "filesystem,volume,snapshot,bookmark",
+                "-o", "name,property,value,source",
+                "guid,createtxg,type,receive_resume_token,encryption,userrefs",
+                "p",
+            ],
+            list_argv(&[&ds("p"), &ds("q")], None, &[], none) => [
+                "get", "-H", "-p", "-r",
+                "-o", "name,property,value,source", "guid,createtxg,type",
+                "p", "q",
+            ],
+            list_argv(&[&ds("p/a")], Some(1), &["zfsync:last_sent"], none) => [
+                "get", "-H", "-p", "-d", "1",
+                "-o", "name,property,value,source", "guid,createtxg,type,zfsync:last_sent",
+                "p/a",
+            ],
+            send_argv(&send("p/a@s2", None), &[]) => ["send", "p/a@s2"],
+            send_argv(&send("p/a@s2", Some(SendFrom::Snapshot(snap("p/a@s1")))), &[]) => [
+                "send", "-I", "p/a@s1", "p/a@s2",
+            ],
+            send_argv(
+                &send("p/a@s2", Some(SendFrom::Bookmark("p/a#s1".into()))),
+                &["-L", "-e", "-c"]
+            ) => ["send", "-L", "-e", "-c", "-i", "p/a#s1", "p/a@s2"],
+            send_argv(&resume, &["-w"]) => ["send", "-w", "-t", "1-abc"],
+            receive_argv(&ds("q/a"), &RecvSpec::default()) => ["receive", "-u", "q/a"],
+            receive_argv(&ds("q/a"), &recv_all) => [
+                "receive", "-u", "-s", "-F",
+                "-o", "readonly=on", "-x", "mountpoint",
+                "q/a",
+            ],
+            rename_argv(&ds("p/b"), &ds("p/c")) => ["rename", "p/b", "p/c"],
+            create_unmounted_argv(&ds("p/b")) => ["create", "-o", "mountpoint=none", "p/b"],
+            destroy_argv(&ds("p/b"), true) => ["destroy", "-r", "p/b"],
+            destroy_argv(&ds("p/b"), false) => ["destroy", "p/b"],
+            rollback_argv(&snap("p/b@s")) => ["rollback", "p/b@s"],
+            set_argv(&ds("p/b"), "canmount", "noauto") => ["set", "canmount=noauto", "p/b"],
+            unmount_argv(&ds("p/b")) => ["unmount", "p/b"],
+            set_many_argv(&[ds("p/b"), ds("p/c")], "readonly", "on") => [
+                "set", "readonly=on", "p/b", "p/c",
+            ],
+            snapshot_recursive_argv(&snap("p@s")) => ["snapshot", "-r", "p@s"],
+            destroy_snapshot_argv(&snap("p/b@s"), false) => ["destroy", "p/b@s"],
+            destroy_snapshot_argv(&snap("p/b@s"), true) => ["destroy", "-r", "p/b@s"],
+            hold_argv("zfsync", &[snap("p/a@s1"), snap("p/b@s1")]) => [
+                "hold", "zfsync", "p/a@s1", "p/b@s1",
+            ],
+            release_argv("zfsync", &["p/a@s1", "p/b@s1"]) => [
+                "release", "zfsync", "p/a@s1", "p/b@s1",
+            ],
+            holds_argv(&["p/a@s1", "p/b@s1"]) => ["holds", "-H", "p/a@s1", "p/b@s1"],
+            list_snapshots_argv(&ds("p/a")) => [
+                "list", "-H", "-r", "-t", "snapshot", "-o", "name", "p/a",
+            ],
+            bookmark_argv(&snap("p/a@s1"), "s1") => ["bookmark", "p/a@s1", "p/a#s1"],
+            destroy_bookmark_argv(&ds("p/a"), "s1") => ["destroy", "p/a#s1"],
+            resume_info_argv("1-abc") => ["send", "-n", "-v", "-P", "-t", "1-abc"],
+            abort_resumable_argv(&ds("q/a")) => ["receive", "-A", "q/a"],
+            version_argv() => ["version"],
+        ];
+        for (call, got, want) in table {
+            assert_eq!(strs(got), want, "{call}");
+        }
     }
 }
