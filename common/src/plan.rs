@@ -6,7 +6,7 @@
 //! into `zfs send` steps with [`steps`].
 
 use crate::model::Snapshot;
-use crate::naming::{tool_class, SnapClass, SnapName};
+use crate::naming::{parse_tool_snapshot, SnapClass, SnapName};
 
 /// What the receiver has at the place a dataset maps to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -277,7 +277,7 @@ pub fn prune(
 ) -> Prune {
     let ours: Vec<&Snapshot> = snapshots
         .iter()
-        .filter(|s| tool_class(s.name.as_str()) == Some(class))
+        .filter(|s| parse_tool_snapshot(s.name.as_str()) == Some(class))
         .collect();
     let surplus = ours.len().saturating_sub(keep);
     let base = confirmed.and_then(|c| snapshots.iter().find(|s| s.name.as_str() == c));
@@ -314,7 +314,7 @@ pub fn mirror(target: &[Snapshot], announced: &[Snapshot]) -> Vec<SnapName> {
         .filter(|s| s.guid != newest.guid)
         .filter(|s| s.createtxg < newest.createtxg)
         .filter(|s| !on_sender.contains(&s.guid))
-        .filter(|s| tool_class(s.name.as_str()).is_some())
+        .filter(|s| parse_tool_snapshot(s.name.as_str()).is_some())
         .map(|s| s.name.clone())
         .collect()
 }

@@ -833,7 +833,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         if let Err(e) = zfs.set(ds, "canmount", "noauto").await {
             tracing::warn!(%ds, "cannot set canmount=noauto: {e}");
         }
-        let Some(guid) = self.target.get(ds).map(|d| d.guid.to_string()) else {
+        let Some(guid) = self
+            .target
+            .get(ds)
+            .map(|d| zfsync_common::naming::format_replica_mark(d.guid))
+        else {
             return;
         };
         match zfs.set(ds, REPLICA_PROP, &guid).await {

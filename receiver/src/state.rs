@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use zfsync_common::naming::{
-    buffer_root, DatasetName, NameError, RelPath, FULL_SUFFIX, OLD_SUFFIX,
+    buffer_root, format_buffer_leaf, format_temp_leaf, parse_buffer_leaf, parse_replica_mark,
+    DatasetName, NameError, RelPath, Temp,
 };
+pub use zfsync_common::naming::{RECV_HOLD, REPLICA_PROP};
 use zfsync_common::zfs::{Backend, Dataset, RecvOption, Snapshot, ZfsError};
 
 /// Where a relative path currently lives on the receiver.
@@ -18,12 +20,6 @@ pub enum Location {
     Buffered(Dataset),
     Absent { parent_present: bool },
 }
-
-/// The user property that marks datasets zfsync created.
-pub const REPLICA_PROP: &str = "zfsync:replica";
-/// The receiver's hold on the newest snapshot it received of each dataset
-/// (the base of the next incremental), on OpenZFS.
-pub const RECV_HOLD: &str = "zfsync_recv";
 
 pub struct Target {
     pub name: DatasetName,
@@ -48,7 +44,8 @@ pub struct Target {
 pub fn is_replica(d: &Dataset) -> bool {
     d.props
         .get(REPLICA_PROP)
-        .is_some_and(|v| *v == d.guid.to_string())
+        .and_then(|v| parse_replica_mark(v))
+        .is_some_and(|g| g == d.guid)
 }
 
 /// Held while a connection works on a dataset; dropping it frees the path.
@@ -217,23 +214,17 @@ impl Target {
 
     /// `BUF/<HEX>`; `None` for the top dataset, which is never buffered.
     pub fn buffer_name(&self, rel: &RelPath) -> Option<Result<DatasetName, NameError>> {
-        rel.buffer_hex().map(|h| self.buffer.child(&h))
-    }
-
-    fn temp_base(rel: &RelPath) -> String {
-        rel.buffer_hex().unwrap_or_else(|| "top".to_string())
+        format_buffer_leaf(rel).map(|h| self.buffer.child(&h))
     }
 
     /// Where a `--full` replacement is received until it is whole.
     pub fn full_temp_name(&self, rel: &RelPath) -> Result<DatasetName, NameError> {
-        self.buffer
-            .child(&format!("{}{FULL_SUFFIX}", Self::temp_base(rel)))
+        self.buffer.child(&format_temp_leaf(rel, Temp::Full))
     }
 
     /// Where the old copy waits while a replacement is swapped in.
     pub fn old_temp_name(&self, rel: &RelPath) -> Result<DatasetName, NameError> {
-        self.buffer
-            .child(&format!("{}{OLD_SUFFIX}", Self::temp_base(rel)))
+        self.buffer.child(&format_temp_leaf(rel, Temp::Old))
     }
 
     pub fn locate(&self, rel: &RelPath) -> Result<Location, NameError> {
@@ -263,7 +254,7 @@ impl Target {
             .filter(|k| k.parent().as_ref() == Some(&self.buffer))
             .filter_map(|k| {
                 let leaf = k.as_str().rsplit('/').next()?;
-                RelPath::from_buffer_hex(leaf).ok().map(|r| (r, k.clone()))
+                parse_buffer_leaf(leaf).map(|r| (r, k.clone()))
             })
             .collect();
         v.sort_by(|a, b| a.0.tree_order_key().cmp(&b.0.tree_order_key()));

@@ -176,7 +176,7 @@ async fn run(args: Args) -> u8 {
         keep: args.keep.map(|k| k as usize),
         dry_run: args.dry_run,
         delete_missing: args.delete_missing,
-        receiver_id: crate::retention::receiver_id(&args.receiver, args.port),
+        receiver_id: zfsync_common::naming::format_receiver_id(&args.receiver, args.port),
     };
     match crate::run(opts).await {
         Ok(report) => {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use zfsync_common::client::{CleanReport, Client, ClientError, ClientOptions};
-use zfsync_common::naming::{tool_snapshot, DatasetName, RelPath, SnapClass, SnapshotName};
+use zfsync_common::naming::{format_tool_snapshot, DatasetName, RelPath, SnapClass, SnapshotName};
 use zfsync_common::plan::{steps_with_bookmarks, Decision, Step};
 use zfsync_common::protocol::{SyncReply, SyncRequest};
 use zfsync_common::zfs::{Backend, Dataset, SendFrom, SendWhat, Snapshot, ZfsBackend, ZfsError};
@@ -165,7 +165,7 @@ pub async fn run(mut opts: Options) -> Result<Report, SendError> {
     if let (Some((class, stamp)), false) = (&opts.snapshot, opts.dry_run) {
         report.snapshot = Some(take_snapshot(&opts, *class, stamp).await?);
     }
-    let prop = retention::confirm_prop(&opts.receiver_id);
+    let prop = zfsync_common::naming::format_confirm_prop(&opts.receiver_id);
     let (jobs, mut outcomes) =
         list_jobs(opts.zfs.as_ref(), &opts.source, &[&prop, "userrefs"]).await?;
     tracing::info!(datasets = jobs.len(), source = %opts.source, "listed the source tree");
@@ -250,7 +250,7 @@ async fn take_snapshot(opts: &Options, class: SnapClass, stamp: &str) -> Result<
     let mut stamp = stamp.to_string();
     let mut tries = 0;
     loop {
-        let snap = tool_snapshot(&stamp, class)
+        let snap = format_tool_snapshot(&stamp, class)
             .and_then(|n| opts.source.snapshot(&n))
             .map_err(|e| {
                 SendError::Snapshot(

@@ -8,39 +8,15 @@ use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use zfsync_common::caps::Cap;
-use zfsync_common::naming::{DatasetName, SnapClass, SnapName};
+use zfsync_common::naming::{
+    format_bookmark, format_confirm_prop, format_hold_tag, format_tool_snapshot, parse_bookmark,
+    DatasetName, HoldTag, SnapClass, SnapName,
+};
 use zfsync_common::plan::prune;
 use zfsync_common::zfs::Dataset;
 
 use crate::summary::{Outcome, Status};
 use crate::Options;
-
-/// The user property that records, per receiver, the newest snapshot the
-/// receiver confirmed (its name).
-pub fn confirm_prop(receiver_id: &str) -> String {
-    format!("zfsync:synced_{receiver_id}")
-}
-
-/// The hold tag on that snapshot.
-pub fn hold_tag(receiver_id: &str) -> String {
-    format!("zfsync_{receiver_id}")
-}
-
-/// `host:port` as it may stand in a property name: lower-case letters,
-/// digits and `. _ -`.
-pub fn receiver_id(host: &str, port: u16) -> String {
-    format!("{host}_{port}")
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
 
 /// What retention did (or, in a dry run, would do).
 #[derive(Clone, Debug, Default)]
@@ -79,20 +55,18 @@ fn snap(ds: &DatasetName, name: &str) -> Option<zfsync_common::naming::SnapshotN
     SnapName::new(name).ok().and_then(|n| ds.snapshot(&n).ok())
 }
 
-/// Bookmarks each newly confirmed base as `TAG:NAME` and destroys this
-/// receiver's previous bookmark of the dataset (`:` cannot occur in a
-/// receiver id, so `TAG:` matches this receiver's bookmarks only). The
+/// Bookmarks each newly confirmed base as `mark` ([`format_bookmark`]) and
+/// destroys this receiver's previous bookmark of the dataset (`:` cannot
+/// occur in a receiver id, so [`parse_bookmark`] tells receivers apart). The
 /// `zfs` CLI takes one bookmark per call, so the datasets are worked on
 /// `--threads` at a time. Returns the warnings.
 async fn move_bookmarks(
     opts: &Options,
-    tag: &str,
     mark: &str,
     confirmed: &[zfsync_common::naming::SnapshotName],
     by_name: &BTreeMap<&DatasetName, &Dataset>,
 ) -> Vec<String> {
     let zfs = &opts.zfs;
-    let prefix = format!("{tag}:");
     let work = confirmed.iter().map(|s| {
         let ds = s.dataset();
         let stale: Vec<String> = by_name
@@ -101,7 +75,9 @@ async fn move_bookmarks(
                 d.bookmarks
                     .iter()
                     .map(|b| b.name.to_string())
-                    .filter(|b| b.starts_with(&prefix) && b != mark)
+                    .filter(|b| {
+                        b != mark && parse_bookmark(b).is_some_and(|(id, _)| id == opts.receiver_id)
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -133,8 +109,8 @@ async fn move_bookmarks(
 /// the receiver could not be reached.
 pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -> Retention {
     let zfs = &opts.zfs;
-    let prop = confirm_prop(&opts.receiver_id);
-    let tag = hold_tag(&opts.receiver_id);
+    let prop = format_confirm_prop(&opts.receiver_id);
+    let tag = format_hold_tag(HoldTag::Sender(&opts.receiver_id));
     let mut r = Retention {
         class: opts.snapshot.as_ref().map(|(c, _)| *c),
         keep: opts.keep,
@@ -195,9 +171,11 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             // previous one of this receiver goes. `:` cannot occur in a
             // receiver id, so `TAG:` names this receiver's bookmarks only.
             if zfs.caps().has(Cap::Bookmarks) {
-                let mark = format!("{tag}:{name}");
-                r.warnings
-                    .extend(move_bookmarks(opts, &tag, &mark, &held, &by_name).await);
+                if let Ok(snap) = SnapName::new(name) {
+                    let mark = format_bookmark(&opts.receiver_id, &snap);
+                    r.warnings
+                        .extend(move_bookmarks(opts, &mark, &held, &by_name).await);
+                }
             }
         }
         if let Err(e) = zfs.release(&tag, &released).await {
@@ -221,7 +199,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             .as_ref()
             .map(|(_, s)| s.as_str())
             .unwrap_or("");
-        let name = zfsync_common::naming::tool_snapshot(stamp, *class).ok();
+        let name = format_tool_snapshot(stamp, *class).ok();
         simulated = datasets
             .iter()
             .map(|d| {
@@ -299,19 +277,4 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
         }
     }
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn receiver_ids_fit_property_names() {
-        assert_eq!(
-            receiver_id("Backup.example.org", 7878),
-            "backup.example.org_7878"
-        );
-        assert_eq!(receiver_id("::1", 1), "__1_1");
-        assert_eq!(confirm_prop("h_1"), "zfsync:synced_h_1");
-    }
 }

@@ -12,23 +12,12 @@ use std::fmt;
 
 use thiserror::Error;
 
+pub mod disk;
+
+pub use disk::*;
+
 /// ZFS's `ZFS_MAX_DATASET_NAME_LEN` is 256 including the NUL byte.
 pub const MAX_NAME_LEN: usize = 255;
-
-/// The suffix that turns a target dataset name into its buffer dataset:
-/// `pool/backup` buffers into `pool/backup.zfsyncbuffer`.
-pub const BUFFER_SUFFIX: &str = ".zfsyncbuffer";
-
-/// When the target is a pool root, the buffer is this child of the pool. A
-/// sender can never replicate into it: the relative path `/zfsyncbuffer` is
-/// refused for such a target.
-pub const POOL_ROOT_BUFFER: &str = "zfsyncbuffer";
-
-/// Suffix of the buffer dataset that holds a `--full` replacement until it is
-/// whole and swapped into place.
-pub const FULL_SUFFIX: &str = ".full";
-/// Suffix under which the old copy waits during a `--full` swap.
-pub const OLD_SUFFIX: &str = ".old";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NameError {
@@ -98,6 +87,12 @@ fn check_len(name: &str) -> Result<(), NameError> {
 pub struct DatasetName(String);
 
 impl DatasetName {
+    /// A name built from parts that were checked already (the buffer root:
+    /// a valid name plus a short suffix).
+    pub(crate) fn from_trusted(name: String) -> DatasetName {
+        DatasetName(name)
+    }
+
     pub fn new(name: &str) -> Result<Self, NameError> {
         if name.is_empty() {
             return Err(NameError::Empty);
@@ -330,88 +325,6 @@ impl fmt::Display for RelPath {
     }
 }
 
-/// The classes of tool snapshots, as in ZFSync: how often they are taken
-/// decides how many of each are kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SnapClass {
-    /// Every run (for example each minute).
-    S,
-    /// Quarter hours: minutes 15, 30, 45.
-    M,
-    /// Full hours.
-    H,
-    /// Midnight.
-    D,
-}
-
-impl SnapClass {
-    pub fn letter(self) -> char {
-        match self {
-            SnapClass::S => 'S',
-            SnapClass::M => 'M',
-            SnapClass::H => 'H',
-            SnapClass::D => 'D',
-        }
-    }
-
-    pub fn from_letter(c: char) -> Option<SnapClass> {
-        match c.to_ascii_uppercase() {
-            'S' => Some(SnapClass::S),
-            'M' => Some(SnapClass::M),
-            'H' => Some(SnapClass::H),
-            'D' => Some(SnapClass::D),
-            _ => None,
-        }
-    }
-
-    /// The class a run at this local time takes: D at 00:00, H at minute
-    /// 0 of any other hour, M at minutes 15, 30 and 45, S otherwise.
-    pub fn for_time(hour: u32, minute: u32) -> SnapClass {
-        match (hour, minute) {
-            (0, 0) => SnapClass::D,
-            (_, 0) => SnapClass::H,
-            (_, m) if m % 15 == 0 => SnapClass::M,
-            _ => SnapClass::S,
-        }
-    }
-}
-
-/// A snapshot name zfsync makes: `yymmdd-HHMMSS_C` (ZFSync's naming), with
-/// the local time of the run and the class letter.
-pub fn tool_snapshot(stamp: &str, class: SnapClass) -> Result<SnapName, NameError> {
-    SnapName::new(&format!("{stamp}_{}", class.letter()))
-}
-
-/// The class of a tool-made snapshot name; `None` for any other name (a
-/// person's snapshots are never pruned).
-pub fn tool_class(name: &str) -> Option<SnapClass> {
-    let b = name.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    if b.len() != 15 || b[6] != b'-' || b[13] != b'_' || !digits(0..6) || !digits(7..13) {
-        return None;
-    }
-    let c = char::from(b[14]);
-    if c.is_ascii_uppercase() {
-        SnapClass::from_letter(c)
-    } else {
-        None
-    }
-}
-
-/// Where a receiver keeps datasets that arrived before their parent.
-pub fn buffer_root(target: &DatasetName) -> DatasetName {
-    if target.is_pool_root() {
-        DatasetName(format!("{}/{}", target.as_str(), POOL_ROOT_BUFFER))
-    } else {
-        DatasetName(format!("{}{}", target.as_str(), BUFFER_SUFFIX))
-    }
-}
-
-/// Is `rel` reserved for the buffer under this target?
-pub fn is_reserved(target: &DatasetName, rel: &RelPath) -> bool {
-    target.is_pool_root() && rel.first_component() == Some(POOL_ROOT_BUFFER)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,48 +453,6 @@ mod tests {
         ] {
             assert!(SnapshotName::new(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn buffer_roots() {
-        let t = DatasetName::new("tank/backup").unwrap();
-        assert_eq!(buffer_root(&t).as_str(), "tank/backup.zfsyncbuffer");
-        let p = DatasetName::new("tank").unwrap();
-        assert_eq!(buffer_root(&p).as_str(), "tank/zfsyncbuffer");
-        assert!(is_reserved(&p, &RelPath::new("/zfsyncbuffer/x").unwrap()));
-        assert!(!is_reserved(&t, &RelPath::new("/zfsyncbuffer").unwrap()));
-        assert!(!is_reserved(&p, &RelPath::new("/zfsyncbuffers").unwrap()));
-    }
-
-    #[test]
-    fn tool_snapshot_names_round_trip() {
-        for c in [SnapClass::S, SnapClass::M, SnapClass::H, SnapClass::D] {
-            let n = tool_snapshot("261122-101500", c).unwrap();
-            assert_eq!(tool_class(n.as_str()), Some(c));
-        }
-        for other in [
-            "",
-            "s1",
-            "261122-101500",
-            "261122-101500_X",
-            "261122-101500_SS",
-            "26112a-101500_S",
-            "261122_101500_S",
-            "manual-before-upgrade",
-            "261122-101500_s",
-        ] {
-            assert_eq!(tool_class(other), None, "{other:?}");
-        }
-    }
-
-    #[test]
-    fn class_follows_the_clock() {
-        assert_eq!(SnapClass::for_time(0, 0), SnapClass::D);
-        assert_eq!(SnapClass::for_time(13, 0), SnapClass::H);
-        assert_eq!(SnapClass::for_time(13, 30), SnapClass::M);
-        assert_eq!(SnapClass::for_time(0, 45), SnapClass::M);
-        assert_eq!(SnapClass::for_time(13, 31), SnapClass::S);
-        assert_eq!(SnapClass::for_time(0, 1), SnapClass::S);
     }
 
     #[test]
