@@ -3,8 +3,10 @@
 # zfs-fuse on hosts without the OpenZFS kernel module).
 #
 #   make build   release binaries: target/release/zfsync-send, zfsync-recv
-#   make test    the whole test suite (unit and end-to-end): cargo test --workspace,
-#                then one line of hardening figures
+#   make test    the whole test suite (unit, in-process and end-to-end):
+#                cargo test --workspace, then one line of hardening figures
+#   make test-fast  unit and in-process tests only (FakeZfs, no root, no zfs
+#                on PATH; seconds): scripts/test-fast.sh
 #   make test-openzfs  the OpenZFS tier: boots a Debian VM with the OpenZFS
 #                kernel module under qemu (image built once, then cached in
 #                /var/tmp/zfsync-ozvm) and runs tests/openzfs.rs in it and
@@ -20,7 +22,7 @@
 
 RECEIVER ?= localhost
 
-.PHONY: build test test-openzfs check-freebsd demo certs fmt lint clean
+.PHONY: build test test-fast test-openzfs check-freebsd demo certs fmt lint clean
 
 build:
 	cargo build --release
@@ -29,6 +31,9 @@ test:
 	rm -rf target/zfsync-figures
 	cargo test --workspace
 	@bash scripts/hardening-figures.sh target/zfsync-figures
+
+test-fast:
+	bash scripts/test-fast.sh
 
 test-openzfs:
 	bash scripts/test-openzfs.sh

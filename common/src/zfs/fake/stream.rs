@@ -94,7 +94,13 @@ pub(super) fn encode(subs: &[Sub], compound: bool) -> Vec<u8> {
         out.extend(end(0));
     }
     for s in subs {
-        out.extend(begin(SUBSTREAM, s.features, s.to_guid, s.from_guid, &s.toname));
+        out.extend(begin(
+            SUBSTREAM,
+            s.features,
+            s.to_guid,
+            s.from_guid,
+            &s.toname,
+        ));
         out.extend(record(WRITE, FILLER as u32));
         let mut x = s.to_guid | 1;
         out.extend((0..FILLER).map(|_| {
@@ -144,37 +150,56 @@ fn substream(b: &[u8], mut pos: usize) -> Result<(Sub, usize), String> {
 /// complete stream parses: every substream with its END, and a package
 /// with its final END.
 pub(super) fn decode(b: &[u8]) -> Result<Parsed, String> {
+    if b.is_empty() {
+        return Err("cannot receive: failed to read from stream".into());
+    }
     let first = b.get(..RECORD).ok_or(INVALID)?;
     if get32(first, 0) != BEGIN || get64(first, 8) != MAGIC {
         return Err("cannot receive: invalid stream (bad magic number)".into());
     }
+    let compound = get64(first, 16) & 3 == COMPOUND;
+    // zfs names the kind of stream once it has read the (first) BEGIN.
+    let at = if compound { 2 * RECORD } else { 0 };
+    let kind = b.get(at..at + RECORD).map(|r| match get64(r, 48) {
+        0 => "new filesystem",
+        _ => "incremental",
+    });
+    let invalid = |e: String| match kind {
+        Some(kind) if e == INVALID => {
+            format!("cannot receive {kind} stream: invalid backup stream")
+        }
+        _ => e,
+    };
     match get64(first, 16) & 3 {
         SUBSTREAM => {
-            let (sub, _) = substream(b, 0)?;
+            let (sub, _) = substream(b, 0).map_err(invalid)?;
             Ok(Parsed { subs: vec![sub] })
         }
-        COMPOUND => {
-            let mut pos = RECORD + get32(first, 4) as usize;
-            let rec = b.get(pos..pos + RECORD).ok_or(INVALID)?;
-            if get32(rec, 0) != END {
-                return Err(INVALID.into());
-            }
-            pos += RECORD;
-            let mut subs = Vec::new();
-            loop {
-                let rec = b.get(pos..pos + RECORD).ok_or(INVALID)?;
-                if get32(rec, 0) == END {
-                    break;
-                }
-                let (sub, next) = substream(b, pos)?;
-                subs.push(sub);
-                pos = next;
-            }
-            if subs.is_empty() {
-                return Err(INVALID.into());
-            }
-            Ok(Parsed { subs })
-        }
+        COMPOUND => package(b, get32(first, 4) as usize).map_err(invalid),
         _ => Err("cannot receive: invalid stream (unknown header type)".into()),
     }
+}
+
+/// The substreams of a package whose compound BEGIN has `payload` bytes.
+fn package(b: &[u8], payload: usize) -> Result<Parsed, String> {
+    let mut pos = RECORD + payload;
+    let rec = b.get(pos..pos + RECORD).ok_or(INVALID)?;
+    if get32(rec, 0) != END {
+        return Err(INVALID.into());
+    }
+    pos += RECORD;
+    let mut subs = Vec::new();
+    loop {
+        let rec = b.get(pos..pos + RECORD).ok_or(INVALID)?;
+        if get32(rec, 0) == END {
+            break;
+        }
+        let (sub, next) = substream(b, pos)?;
+        subs.push(sub);
+        pos = next;
+    }
+    if subs.is_empty() {
+        return Err(INVALID.into());
+    }
+    Ok(Parsed { subs })
 }
