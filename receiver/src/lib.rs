@@ -1,10 +1,25 @@
 //! zfsync-recv: the receiving daemon. [`run`] serves a bound listener until
 //! the shutdown future completes; `cli` turns the command line into a call
 //! to it.
+//!
+//! A connection is a [`session::Session`]; the work of each protocol step
+//! is a phase module: `sync` (a dataset's request: validation, lock,
+//! plan), `ingest` (a stream into `zfs receive`), `finish` (holds,
+//! replica marks, mirrored retention), `replace` (the `--full` swap) and
+//! `buffer` (cleanbuffer and orphans). [`state::Target`] is what they
+//! share: the listing cache and the per-dataset locks.
 
+mod buffer;
 pub mod cli;
+mod finish;
+mod ingest;
+mod open;
+mod replace;
 pub mod session;
 pub mod state;
+mod sync;
+#[cfg(test)]
+mod testing;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,8 +37,16 @@ use zfsync_common::protocol::{Connection, Message};
 use zfsync_common::tls::cert_names;
 use zfsync_common::zfs::{Backend, RecvOption, ZfsBackend, ZfsError};
 
-use crate::session::{Session, Shared};
+use crate::session::Session;
 use crate::state::Target;
+
+/// Shared state of all connections.
+struct Shared {
+    target: Target,
+    /// Names (CN or DNS SAN) allowed to connect; empty: any certificate the
+    /// CA signed.
+    allow_clients: Vec<String>,
+}
 
 pub struct Options {
     pub target: DatasetName,

@@ -2,6 +2,9 @@
 //! trees (listed once per sender run, refreshed per dataset after each
 //! change) and the per-dataset locks that keep two connections from
 //! receiving into the same dataset.
+//!
+//! Invariants: the cache's mutex is never held across an `.await`; a
+//! relative path is busy exactly while its [`DatasetLock`] lives.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,7 +35,10 @@ pub struct Target {
     /// Cache of every dataset under the target and the buffer. Guarded by a
     /// std mutex: it is held only for map operations, never across `.await`.
     cache: Mutex<BTreeMap<DatasetName, Dataset>>,
-    /// Relative paths a connection is working on (see [`DatasetLock`]).
+    /// Relative paths a connection is working on (see [`DatasetLock`]):
+    /// two connections never work on one dataset. In an `Arc` so that each
+    /// lock frees its path when dropped; a std mutex, never held across
+    /// `.await`.
     busy: Arc<Mutex<HashSet<RelPath>>>,
     /// The run whose listing the cache holds. An async mutex so that the
     /// workers of a new run wait for one listing instead of each making one.
@@ -51,6 +57,8 @@ pub fn is_replica(d: &Dataset) -> bool {
 /// Held while a connection works on a dataset; dropping it frees the path.
 pub struct DatasetLock {
     rel: RelPath,
+    /// The target's set of busy paths, shared so that dropping the lock
+    /// (in whichever task) frees the path.
     busy: Arc<Mutex<HashSet<RelPath>>>,
 }
 
@@ -281,41 +289,20 @@ impl Target {
 }
 
 #[cfg(test)]
+impl Target {
+    /// Puts `datasets` into the cache, as a listing would.
+    pub(crate) fn cache_for_tests(&self, datasets: impl IntoIterator<Item = Dataset>) {
+        let mut cache = lock(&self.cache);
+        for d in datasets {
+            cache.insert(d.name.clone(), d);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ds(s: &str) -> DatasetName {
-        DatasetName::new(s).unwrap()
-    }
-
-    fn dataset(name: &str) -> Dataset {
-        Dataset {
-            name: ds(name),
-            guid: 1,
-            kind: "filesystem".into(),
-            snapshots: Vec::new(),
-            props: Default::default(),
-            held: Default::default(),
-            bookmarks: Vec::new(),
-            resume_token: None,
-            encrypted: false,
-        }
-    }
-
-    fn target_with(names: &[&str]) -> Target {
-        let t = Target::new(
-            ds("p/t"),
-            std::sync::Arc::new(zfsync_common::zfs::Zfs::default()),
-            true,
-        );
-        {
-            let mut c = lock(&t.cache);
-            for n in names {
-                c.insert(ds(n), dataset(n));
-            }
-        }
-        t
-    }
+    use crate::testing::{ds, target_with};
 
     #[test]
     fn locates_in_place_buffered_and_absent() {

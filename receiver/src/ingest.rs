@@ -1,0 +1,499 @@
+//! Taking in one stream: the announcement check ([`check_stream`]), then
+//! [`receive`], which feeds `zfs receive` one frame behind.
+//!
+//! Invariants:
+//! - a stream names a snapshot from the sync request and starts from the
+//!   destination's newest snapshot (from nothing for a new dataset); a
+//!   resumed stream comes after a resume offer, and only then;
+//! - the head (at most [`HEAD_MAX`] bytes are kept) is checked before
+//!   `zfs receive` starts; a refused stream is drained, never received;
+//! - an incremental first rolls the destination back (never `-r`) to its
+//!   newest snapshot, freshly listed; `-F` only for an overwrite, which is
+//!   unmounted first and never resumable;
+//! - the last data frame (with the stream's END record) is held back until
+//!   `End{bytes}` matches what arrived; a cut, an `Abort`, a count mismatch,
+//!   an unexpected message or a shutdown closes `zfs receive`'s input early
+//!   and waits for it (killing it after [`ABORT_WAIT`]): nothing half-sent
+//!   is committed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use zfsync_common::caps::{Cap, Caps};
+use zfsync_common::naming::{DatasetName, NameError, SnapName};
+use zfsync_common::protocol::{Frame, Message, ProtocolError, StreamRequest};
+use zfsync_common::stream::{check_head, feature_names, HEAD_MAX};
+use zfsync_common::zfs::{ChildWriter, RecvSpec, Snapshot, ZfsChild, ZfsError};
+
+use crate::finish::never_automount;
+use crate::open::{Mode, Open};
+use crate::state::Target;
+
+/// How long an aborted `zfs receive` may take to clean up before it is
+/// killed.
+const ABORT_WAIT: Duration = Duration::from_secs(120);
+
+/// Where a stream's frames come from. The session's connection ends the
+/// wait with an error when the receiver shuts down, which aborts the
+/// receive.
+pub(crate) trait Frames {
+    async fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError>;
+}
+
+/// A stream the receiver agreed to.
+#[derive(Debug)]
+pub(crate) struct Planned {
+    to: Snapshot,
+    /// The base's GUID; 0 for a full stream.
+    from_guid: u64,
+    /// Full stream into an existing dataset without snapshots (`-F`).
+    overwrite: bool,
+    /// Continues a cut stream (`zfs send -t` on the sender).
+    resume: bool,
+}
+
+/// Why a stream announcement is refused (before any data).
+#[derive(Debug, Error)]
+pub(crate) enum StreamError {
+    #[error("invalid snapshot: {0}")]
+    InvalidSnapshot(NameError),
+    #[error("@{0} was not in the sync request")]
+    NotAnnounced(SnapName),
+    #[error("a resumed stream, but no resume was offered")]
+    ResumeNotOffered,
+    #[error("{0} holds a cut transfer: resume it first")]
+    ResumeFirst(DatasetName),
+    #[error("{0} exists: a full stream cannot be received into it")]
+    FullIntoExisting(DatasetName),
+    #[error("{0} does not exist: send a full stream first")]
+    IncrementalIntoMissing(DatasetName),
+    #[error("@{to} is not newer than @{newest}")]
+    NotNewer { to: SnapName, newest: SnapName },
+    #[error("the stream's base is not the newest snapshot of {0}")]
+    WrongBase(DatasetName),
+}
+
+/// Why a stream was not stored. Only [`IngestError::Protocol`] leaves the
+/// connection unusable; every other is the answer to the stream.
+#[derive(Debug, Error)]
+pub(crate) enum IngestError {
+    /// The connection was cut, misbehaved, or the receiver shuts down.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The head check said no.
+    #[error("refused stream: {0}")]
+    Refused(String),
+    /// Listing the destination before the rollback failed.
+    #[error(transparent)]
+    List(ZfsError),
+    #[error(
+        "{0} changed meanwhile: its newest snapshot is no longer the stream's base; run again"
+    )]
+    BaseGone(DatasetName),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("cannot roll {dest} back to its newest snapshot: {source}")]
+    Rollback { dest: DatasetName, source: ZfsError },
+    #[error(transparent)]
+    Spawn(ZfsError),
+    #[error("the stream is too short to be a zfs send stream")]
+    TooShort,
+    #[error("the sender announced {announced} bytes but {arrived} arrived; the last snapshot was not committed")]
+    Count { announced: u64, arrived: u64 },
+    /// `zfs receive` failed.
+    #[error("{source}{}", receive_notes(*.discarded, .unsupported))]
+    Receive {
+        source: ZfsError,
+        /// A resumed receive's partial state was discarded (`receive -A`).
+        discarded: bool,
+        unsupported: Option<Unsupported>,
+    },
+    #[error("the stream did not end at the announced snapshot @{name} (guid {guid})")]
+    WrongEnd { name: SnapName, guid: u64 },
+    #[error("aborted by the sender: {0}")]
+    Aborted(String),
+}
+
+/// A stream feature the local zfs cannot receive (zfs-fuse receiving from
+/// OpenZFS, say): names what it lacks.
+#[derive(Debug)]
+pub(crate) struct Unsupported {
+    features: Vec<String>,
+    zfs: String,
+}
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the stream uses {}, which this receiver's zfs ({}) cannot receive: run the receiver on OpenZFS, or give the source datasets only features it has (for zfs-fuse: zfs create -o version=4)",
+            self.features.join(", "),
+            self.zfs
+        )
+    }
+}
+
+fn receive_notes(discarded: bool, unsupported: &Option<Unsupported>) -> String {
+    let mut notes = String::new();
+    if discarded {
+        notes.push_str("; the partial state was discarded (zfs receive -A)");
+    }
+    if let Some(u) = unsupported {
+        notes.push_str(&format!("; {u}"));
+    }
+    notes
+}
+
+/// Checks a stream announcement against the sync request and the
+/// destination: the snapshot must be one the sender announced, and the
+/// stream must start from the destination's newest snapshot (or from
+/// nothing for a new dataset).
+pub(crate) fn check_stream(
+    target: &Target,
+    open: &Open,
+    req: &StreamRequest,
+) -> Result<Planned, StreamError> {
+    let resume = req.resume;
+    let to = req.to.validate().map_err(StreamError::InvalidSnapshot)?;
+    if !open.announced.contains(&to) {
+        return Err(StreamError::NotAnnounced(to.name));
+    }
+    if resume != open.resume_offered {
+        return Err(if resume {
+            StreamError::ResumeNotOffered
+        } else {
+            StreamError::ResumeFirst(open.dest.clone())
+        });
+    }
+    let newest = target.newest(&open.dest);
+    let exists = target.exists(&open.dest);
+    let planned = |from_guid, overwrite| Planned {
+        to: to.clone(),
+        from_guid,
+        overwrite,
+        resume,
+    };
+    match (req.from_guid, exists, newest) {
+        (None, false, _) => Ok(planned(0, false)),
+        // A cut full stream: the dataset exists, with no snapshot yet.
+        (None, true, None) if resume => Ok(planned(0, false)),
+        (None, true, None) if matches!(open.mode, Mode::Overwrite) => Ok(planned(0, true)),
+        (None, true, _) => Err(StreamError::FullIntoExisting(open.dest.clone())),
+        (Some(_), false, _) => Err(StreamError::IncrementalIntoMissing(open.dest.clone())),
+        (Some(g), true, Some(n)) if n.guid == g => {
+            // createtxg differs between pools: compare the sender's own.
+            // The base may be one of the sender's bookmarks.
+            let base = open
+                .announced
+                .iter()
+                .chain(&open.bookmarks)
+                .find(|s| s.guid == g);
+            if base.is_none_or(|b| to.createtxg <= b.createtxg) {
+                return Err(StreamError::NotNewer {
+                    to: to.name.clone(),
+                    newest: n.name,
+                });
+            }
+            Ok(planned(g, false))
+        }
+        (Some(_), true, _) => Err(StreamError::WrongBase(open.dest.clone())),
+    }
+}
+
+/// Gets the destination ready and starts `zfs receive`. An incremental
+/// is received without `-F`: the destination is first rolled back to
+/// its newest snapshot (without `-r`, so ZFS refuses if a newer one
+/// appeared meanwhile), which drops changes made inside the replica and
+/// can never drop a snapshot.
+async fn start_receive(
+    target: &Target,
+    peer_caps: &Caps,
+    dest: &DatasetName,
+    plan: &Planned,
+) -> Result<ZfsChild, IngestError> {
+    let zfs = &target.zfs;
+    // (A resumed incremental goes on into `dest/%recv`; rolling `dest`
+    // itself back does not touch that.)
+    if plan.from_guid != 0 {
+        // Fresh, not from the cache: another run may have moved on.
+        let fresh = target.refresh(dest).await.map_err(IngestError::List)?;
+        let newest = fresh.as_ref().and_then(|d| d.snapshots.last());
+        let Some(newest) = newest.filter(|n| n.guid == plan.from_guid) else {
+            return Err(IngestError::BaseGone(dest.clone()));
+        };
+        let snap = dest.snapshot(&newest.name)?;
+        zfs.rollback(&snap)
+            .await
+            .map_err(|source| IngestError::Rollback {
+                dest: dest.clone(),
+                source,
+            })?;
+    }
+    if plan.overwrite {
+        // zfs swaps the new copy in at the end; a mounted destination
+        // makes that fail now and then ("I/O error" on zfs-fuse, about
+        // one run in five). The replica stays unmounted, like all.
+        if let Err(e) = zfs.unmount(dest).await {
+            tracing::debug!(%dest, "unmount before the overwrite: {e}");
+        }
+    }
+    let spec = RecvSpec {
+        force: plan.overwrite,
+        // A cut transfer keeps what arrived (OpenZFS): the next run
+        // goes on from there. Never for -F: a partial overwrite must
+        // not linger over the existing dataset.
+        resumable: zfs.caps().can_receive_resumable()
+            && peer_caps.has(Cap::SendResume)
+            && !plan.overwrite,
+        options: target.recv_options.clone(),
+    };
+    zfs.spawn_receive(dest, &spec).map_err(IngestError::Spawn)
+}
+
+/// `zfs receive`'s input. A failed write means zfs stopped reading (it
+/// failed): later writes are skipped, the connection is still drained,
+/// and zfs's own error is reported at `End`.
+struct Input {
+    stdin: Option<ChildWriter>,
+    failed: bool,
+}
+
+impl Input {
+    async fn write(&mut self, data: &[u8]) {
+        if self.failed {
+            return;
+        }
+        if let Some(s) = self.stdin.as_mut() {
+            if s.write_all(data).await.is_err() {
+                self.failed = true;
+            }
+        }
+    }
+}
+
+/// A running `zfs receive`.
+struct Running {
+    child: ZfsChild,
+    input: Input,
+}
+
+impl Running {
+    /// Ends a `zfs receive` without committing: its stdin closes before
+    /// the held-back last frame (with the stream's END record) was
+    /// written, so zfs sees a truncated stream, fails and cleans up.
+    /// Waiting for it (rather than killing it) means the cleanup is done
+    /// when this returns; the kill is the backstop for a `zfs` that hangs.
+    async fn abort(self) {
+        let Running { mut child, input } = self;
+        drop(input);
+        let _ = child.close_within(ABORT_WAIT).await;
+    }
+}
+
+/// One stream on its way into `zfs receive`.
+struct Feed<'a> {
+    target: &'a Target,
+    peer: &'a str,
+    peer_caps: &'a Caps,
+    dest: &'a DatasetName,
+    plan: &'a Planned,
+    /// The GUIDs of the announced snapshots: the only ones a stream may
+    /// create.
+    allowed: Vec<u64>,
+    /// The stream's first bytes, until the head check decides.
+    head: Vec<u8>,
+    /// The frames that arrived before `zfs receive` started.
+    early: Vec<Bytes>,
+    running: Option<Running>,
+    /// Why the stream is refused; the rest of it is drained.
+    refused: Option<IngestError>,
+    /// The newest data frame, held back until the next one (or `End`).
+    pending: Option<Bytes>,
+    /// Data bytes that arrived, to compare with `End{bytes}`.
+    total: u64,
+    /// The stream's feature flags, from its head.
+    features: u64,
+}
+
+impl Feed<'_> {
+    async fn data(&mut self, b: Bytes) {
+        self.total += b.len() as u64;
+        if self.refused.is_some() {
+            return; // draining a refused stream
+        }
+        if let Some(running) = self.running.as_mut() {
+            if let Some(prev) = self.pending.replace(b) {
+                running.input.write(&prev).await;
+            }
+            return;
+        }
+        let room = HEAD_MAX.saturating_sub(self.head.len()).min(b.len());
+        self.head.extend_from_slice(&b[..room]);
+        self.early.push(b);
+        match check_head(&self.head, self.plan.from_guid, &self.allowed) {
+            Ok(None) => {}
+            Err(reason) => {
+                tracing::warn!(peer = %self.peer, dest = %self.dest, "refused a stream: {reason}");
+                self.refused = Some(IngestError::Refused(reason));
+                self.early.clear();
+            }
+            Ok(Some(h)) => {
+                match start_receive(self.target, self.peer_caps, self.dest, self.plan).await {
+                    Err(e) => {
+                        self.refused = Some(e);
+                        self.early.clear();
+                    }
+                    Ok(mut child) => {
+                        self.features = h.features;
+                        let mut input = Input {
+                            stdin: child.take_stdin(),
+                            failed: false,
+                        };
+                        self.pending = self.early.pop();
+                        for f in self.early.drain(..) {
+                            input.write(&f).await;
+                        }
+                        self.running = Some(Running { child, input });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Aborts a running `zfs receive` (nothing is committed).
+    async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.abort().await;
+            let _ = self.target.refresh(self.dest).await;
+        }
+    }
+
+    /// The sender's `End`: the held-back frame goes in only if every byte
+    /// arrived.
+    async fn end(mut self, bytes: u64) -> Result<u64, IngestError> {
+        if let Some(refused) = self.refused.take() {
+            return Err(refused);
+        }
+        let Some(mut running) = self.running.take() else {
+            return Err(IngestError::TooShort);
+        };
+        let (target, dest, plan) = (self.target, self.dest, self.plan);
+        if bytes != self.total {
+            running.abort().await;
+            let _ = target.refresh(dest).await;
+            return Err(IngestError::Count {
+                announced: bytes,
+                arrived: self.total,
+            });
+        }
+        if let Some(last) = self.pending.take() {
+            running.input.write(&last).await;
+        }
+        let Running { mut child, input } = running;
+        drop(input);
+        let result = child.close().await;
+        let _ = target.refresh(dest).await;
+        if let Err(source) = result {
+            let unsupported =
+                matches!(source, ZfsError::UnsupportedStreamFeature { .. }).then(|| Unsupported {
+                    features: feature_names(self.features),
+                    zfs: target.zfs.caps().version,
+                });
+            let mut discarded = false;
+            if plan.resume {
+                // zfs itself refused the continuation: the state is of no
+                // use; the next run plans the dataset afresh.
+                match target.zfs.abort_resumable(dest).await {
+                    Ok(()) => discarded = true,
+                    Err(e2) => tracing::debug!(%dest, "zfs receive -A: {e2}"),
+                }
+                let _ = target.refresh(dest).await;
+            }
+            let e = IngestError::Receive {
+                source,
+                discarded,
+                unsupported,
+            };
+            tracing::warn!(peer = %self.peer, %dest, "zfs receive failed: {e}");
+            return Err(e);
+        }
+        match target.newest(dest) {
+            Some(n) if n.guid == plan.to.guid => {
+                if plan.from_guid == 0 && !plan.overwrite {
+                    never_automount(target, dest).await;
+                }
+                tracing::info!(peer = %self.peer, %dest, snapshot = %plan.to.name, bytes, "received");
+                Ok(bytes)
+            }
+            _ => Err(IngestError::WrongEnd {
+                name: plan.to.name.clone(),
+                guid: plan.to.guid,
+            }),
+        }
+    }
+
+    /// The connection ended mid-stream.
+    async fn cut(&mut self, e: ProtocolError) -> IngestError {
+        self.stop().await;
+        tracing::warn!(peer = %self.peer, dest = %self.dest, "stream cut ({e}); its last snapshot was not committed");
+        e.into()
+    }
+}
+
+/// Pipes one stream (announced, checked into `plan`) into `zfs receive`.
+/// The head of the stream is checked before `zfs receive` even starts;
+/// after that, frames go to it one behind, so the last (with the END
+/// record) waits for `End`. Returns the bytes received.
+pub(crate) async fn receive(
+    target: &Target,
+    frames: &mut impl Frames,
+    peer: &str,
+    peer_caps: &Caps,
+    open: &Open,
+    plan: &Planned,
+) -> Result<u64, IngestError> {
+    let mut feed = Feed {
+        target,
+        peer,
+        peer_caps,
+        dest: &open.dest,
+        plan,
+        allowed: open.announced.iter().map(|s| s.guid).collect(),
+        head: Vec::with_capacity(HEAD_MAX),
+        early: Vec::new(),
+        running: None,
+        refused: None,
+        pending: None,
+        total: 0,
+        features: 0,
+    };
+    loop {
+        let frame = match frames.next_frame().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(feed.cut(ProtocolError::Closed).await),
+            Err(e) => return Err(feed.cut(e).await),
+        };
+        match frame {
+            Frame::Data(b) => feed.data(b).await,
+            Frame::Msg(Message::End { bytes }) => return feed.end(bytes).await,
+            Frame::Msg(Message::Abort { reason }) => {
+                feed.stop().await;
+                tracing::warn!(peer = %peer, dest = %open.dest, "sender aborted the stream: {reason}");
+                return Err(IngestError::Aborted(reason));
+            }
+            Frame::Msg(other) => {
+                feed.stop().await;
+                return Err(ProtocolError::Unexpected {
+                    got: format!("message {}", other.name()),
+                    expected: "stream data, end or abort".into(),
+                }
+                .into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,248 @@
+//! The announcement check as a table, and the receive loop's refusals,
+//! which end before any `zfs receive` starts.
+
+use std::collections::VecDeque;
+
+use zfsync_common::naming::RelPath;
+use zfsync_common::protocol::WireSnap;
+use zfsync_common::stream::RECORD;
+
+use super::*;
+use crate::testing::{dataset, ds, snap, target_of};
+
+/// The destination `p/t/a` with snapshots s1 (guid 11) and s2 (guid 12).
+fn target() -> Target {
+    let mut a = dataset("p/t/a");
+    a.snapshots = vec![snap("s1", 11, 1), snap("s2", 12, 2)];
+    let mut empty = dataset("p/t/e");
+    empty.guid = 5;
+    target_of([dataset("p/t"), a, empty])
+}
+
+/// The sender has s1, s2, s3 (guids 11-13, its own createtxgs 101-103)
+/// and a bookmark of s2.
+fn open(t: &Target, dest: &str, mode: Mode, resume_offered: bool) -> Open {
+    let rel = RelPath::new(&format!("/{}", ds(dest).leaf())).unwrap();
+    Open {
+        _lock: t.try_lock(&rel).unwrap(),
+        rel,
+        dest: ds(dest),
+        buffered: false,
+        mode,
+        announced: vec![
+            snap("s1", 11, 101),
+            snap("s2", 12, 102),
+            snap("s3", 13, 103),
+        ],
+        bookmarks: vec![snap("s2", 12, 102)],
+        resume_offered,
+    }
+}
+
+fn stream(from_guid: Option<u64>, to: &str, guid: u64, createtxg: u64) -> StreamRequest {
+    StreamRequest {
+        from_guid,
+        to: WireSnap {
+            name: to.into(),
+            guid,
+            createtxg,
+        },
+        resume: false,
+    }
+}
+
+fn check(t: &Target, o: &Open, req: &StreamRequest) -> Result<(u64, bool), String> {
+    check_stream(t, o, req)
+        .map(|p| (p.from_guid, p.overwrite))
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn an_incremental_must_start_from_the_newest_snapshot() {
+    let t = target();
+    let o = open(&t, "p/t/a", Mode::Direct, false);
+    assert_eq!(
+        check(&t, &o, &stream(Some(12), "s3", 13, 103)),
+        Ok((12, false))
+    );
+    assert_eq!(
+        check(&t, &o, &stream(Some(11), "s3", 13, 103)),
+        Err("the stream's base is not the newest snapshot of p/t/a".into())
+    );
+    assert_eq!(
+        check(&t, &o, &stream(Some(12), "s2", 12, 102)),
+        Err("@s2 is not newer than @s2".into())
+    );
+    assert_eq!(
+        check(&t, &o, &stream(None, "s3", 13, 103)),
+        Err("p/t/a exists: a full stream cannot be received into it".into())
+    );
+}
+
+#[test]
+fn only_announced_snapshots_with_valid_names() {
+    let t = target();
+    let o = open(&t, "p/t/a", Mode::Direct, false);
+    assert_eq!(
+        check(&t, &o, &stream(Some(12), "s4", 14, 104)),
+        Err("@s4 was not in the sync request".into())
+    );
+    // Same name, another snapshot.
+    assert_eq!(
+        check(&t, &o, &stream(Some(12), "s3", 99, 103)),
+        Err("@s3 was not in the sync request".into())
+    );
+    let bad = check(&t, &o, &stream(Some(12), "a/b", 13, 103)).unwrap_err();
+    assert!(bad.starts_with("invalid snapshot: "), "{bad}");
+}
+
+#[test]
+fn a_full_stream_only_into_nothing_or_an_overwrite() {
+    let t = target();
+    let o = open(&t, "p/t/new", Mode::Direct, false);
+    assert_eq!(check(&t, &o, &stream(None, "s3", 13, 103)), Ok((0, false)));
+    assert_eq!(
+        check(&t, &o, &stream(Some(12), "s3", 13, 103)),
+        Err("p/t/new does not exist: send a full stream first".into())
+    );
+    let direct = open(&t, "p/t/e", Mode::Direct, false);
+    assert_eq!(
+        check(&t, &direct, &stream(None, "s3", 13, 103)),
+        Err("p/t/e exists: a full stream cannot be received into it".into())
+    );
+    drop(direct);
+    let over = open(&t, "p/t/e", Mode::Overwrite, false);
+    assert_eq!(
+        check(&t, &over, &stream(None, "s3", 13, 103)),
+        Ok((0, true))
+    );
+}
+
+#[test]
+fn a_resumed_stream_only_after_an_offer() {
+    let t = target();
+    let o = open(&t, "p/t/e", Mode::Direct, false);
+    let resumed = StreamRequest {
+        resume: true,
+        ..stream(None, "s3", 13, 103)
+    };
+    assert_eq!(
+        check(&t, &o, &resumed),
+        Err("a resumed stream, but no resume was offered".into())
+    );
+    drop(o);
+    let offered = open(&t, "p/t/e", Mode::Direct, true);
+    // A cut full stream goes on into the dataset it created.
+    assert_eq!(check(&t, &offered, &resumed), Ok((0, false)));
+    assert_eq!(
+        check(&t, &offered, &stream(None, "s3", 13, 103)),
+        Err("p/t/e holds a cut transfer: resume it first".into())
+    );
+}
+
+#[test]
+fn the_base_may_be_a_bookmark() {
+    let t = target();
+    let mut o = open(&t, "p/t/a", Mode::Direct, false);
+    o.announced.retain(|s| s.guid != 12);
+    assert_eq!(
+        check(&t, &o, &stream(Some(12), "s3", 13, 103)),
+        Ok((12, false))
+    );
+    o.bookmarks.clear();
+    assert_eq!(
+        check(&t, &o, &stream(Some(12), "s3", 13, 103)),
+        Err("@s3 is not newer than @s2".into())
+    );
+}
+
+#[test]
+fn the_unsupported_feature_note_names_features_and_zfs() {
+    let e = IngestError::Receive {
+        source: ZfsError::UnsupportedStreamFeature {
+            argv: "zfs receive p/t/a".into(),
+            stderr: "cannot receive: stream has unsupported feature".into(),
+        },
+        discarded: true,
+        unsupported: Some(Unsupported {
+            features: feature_names(1 << 2),
+            zfs: "zfs-fuse 0.7".into(),
+        }),
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("unsupported feature; the partial state was discarded (zfs receive -A); the stream uses sa_spill (system attributes: a ZPL version 5 file system), which this receiver's zfs (zfs-fuse 0.7) cannot receive: run the receiver on OpenZFS"),
+        "{text}"
+    );
+}
+
+/// Frames from a list; then the connection is closed.
+struct Script(VecDeque<Frame>);
+
+impl Frames for Script {
+    async fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        Ok(self.0.pop_front())
+    }
+}
+
+fn data(len: usize) -> Frame {
+    Frame::Data(Bytes::from(vec![0u8; len]))
+}
+
+/// Runs [`receive`] for a full stream of s3 into the new `p/t/new`.
+async fn run(frames: Vec<Frame>) -> (Result<u64, IngestError>, Script) {
+    let t = target();
+    let o = open(&t, "p/t/new", Mode::Direct, false);
+    let plan = check_stream(&t, &o, &stream(None, "s3", 13, 103)).unwrap();
+    let mut script = Script(frames.into());
+    let got = receive(&t, &mut script, "test", &Caps::default(), &o, &plan).await;
+    (got, script)
+}
+
+#[tokio::test]
+async fn a_bad_head_is_refused_and_drained() {
+    let (got, rest) = run(vec![
+        data(RECORD),
+        data(1000),
+        Frame::Msg(Message::End { bytes: 1312 }),
+        Frame::Msg(Message::Bye),
+    ])
+    .await;
+    assert_eq!(
+        got.unwrap_err().to_string(),
+        "refused stream: not a zfs send stream (bad magic number)"
+    );
+    // Everything up to End was read, nothing after it.
+    assert_eq!(rest.0.len(), 1);
+}
+
+#[tokio::test]
+async fn a_head_shorter_than_a_record_is_too_short() {
+    let (got, _) = run(vec![data(100), Frame::Msg(Message::End { bytes: 100 })]).await;
+    assert!(matches!(got, Err(IngestError::TooShort)), "{got:?}");
+}
+
+#[tokio::test]
+async fn abort_cut_and_strays_end_the_stream() {
+    let (got, _) = run(vec![
+        data(10),
+        Frame::Msg(Message::Abort {
+            reason: "zfs send failed".into(),
+        }),
+    ])
+    .await;
+    assert_eq!(
+        got.unwrap_err().to_string(),
+        "aborted by the sender: zfs send failed"
+    );
+    let (got, _) = run(vec![data(10)]).await;
+    assert!(
+        matches!(got, Err(IngestError::Protocol(ProtocolError::Closed))),
+        "{got:?}"
+    );
+    let (got, _) = run(vec![data(10), Frame::Msg(Message::Finish)]).await;
+    assert_eq!(
+        got.unwrap_err().to_string(),
+        "unexpected message finish (expected stream data, end or abort)"
+    );
+}
