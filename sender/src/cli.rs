@@ -7,6 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chrono::Timelike;
 use clap::Parser;
 use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use zfsync_common::client::ClientOptions;
 use zfsync_common::naming::{DatasetName, SnapClass};
 use zfsync_common::protocol::DEFAULT_PORT;
@@ -178,7 +181,14 @@ async fn run(args: Args) -> u8 {
         delete_missing: args.delete_missing,
         receiver_id: zfsync_common::naming::format_receiver_id(&args.receiver, args.port),
     };
-    match crate::run(opts).await {
+    let shutdown = CancellationToken::new();
+    let signals = match stop_on_signals(shutdown.clone()) {
+        Ok(task) => task,
+        Err(e) => return fail(exit::FAILED, format!("cannot watch for signals: {e}")),
+    };
+    let result = crate::run(opts, shutdown).await;
+    signals.abort();
+    match result {
         Ok(report) => {
             print!("{}", crate::summary(&source, &receiver, &report));
             if let Some(e) = &report.unreachable {
@@ -191,4 +201,31 @@ async fn run(args: Args) -> u8 {
         // No source, or `zfs` cannot list it: nothing was done.
         Err(e) => fail(exit::USAGE, e),
     }
+}
+
+/// SIGTERM or SIGINT stops the run (see [`crate::run()`]: the datasets in
+/// flight end at the next message boundary, a stream in flight is aborted,
+/// the summary so far is printed, exit status 1). A second signal exits at
+/// once, with status 1.
+fn stop_on_signals(shutdown: CancellationToken) -> std::io::Result<JoinHandle<()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::spawn(async move {
+        let mut name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        loop {
+            if shutdown.is_cancelled() {
+                tracing::error!("{name} again: exiting at once");
+                std::process::exit(i32::from(exit::FAILED));
+            }
+            tracing::warn!("{name}: stopping; datasets in flight end at the next message, a stream in flight is aborted (a second signal exits at once)");
+            shutdown.cancel();
+            name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+        }
+    }))
 }

@@ -13,32 +13,30 @@ use zfsync_common::naming::{
     DatasetName, HoldTag, SnapClass, SnapName,
 };
 use zfsync_common::plan::prune;
-use zfsync_common::zfs::Dataset;
+use zfsync_common::zfs::{Dataset, ZfsBackend};
 
-use crate::summary::{Outcome, Status};
-use crate::Options;
+pub use crate::report::Retention;
+use crate::report::{Outcome, Status};
 
-/// What retention did (or, in a dry run, would do).
-#[derive(Clone, Debug, Default)]
-pub struct Retention {
-    pub class: Option<SnapClass>,
+/// What retention works with: the run's options it needs, no more.
+pub struct Scope<'a> {
+    pub zfs: &'a dyn ZfsBackend,
+    /// The top of the tree (one recursive destroy where every copy of a
+    /// snapshot name goes).
+    pub source: &'a DatasetName,
+    /// This receiver's name in the confirmation property, hold tag and
+    /// bookmark names.
+    pub receiver_id: &'a str,
+    /// The run's snapshot class and stamp (`--snapshot`): the class is the
+    /// one pruned; a dry run reckons with the snapshot it would take.
+    pub snapshot: Option<(SnapClass, &'a str)>,
+    /// `--keep`: tool snapshots of the class to keep.
     pub keep: Option<usize>,
-    /// `dataset@snapshot`, destroyed (or, in a dry run, to be destroyed).
-    pub pruned: Vec<String>,
-    /// Kept against the count: the last snapshot the receiver confirmed.
-    pub held_back: Vec<String>,
-    /// Kept against the count: someone holds it (`zfs hold`).
-    pub held: Vec<String>,
-    /// Kept against the count: newer than the last confirmed snapshot (the
-    /// receiver may have it from a run that was cut); pruned once confirmed.
-    pub unconfirmed: Vec<String>,
-    /// Datasets whose confirmation moved in this run.
-    pub confirmed: usize,
-    /// Confirmations or pruning that failed: the run exits 1.
-    pub errors: Vec<String>,
-    /// Holds that could not be placed or released (zfs without holds, or
-    /// no permission): the base is then protected by the property alone.
-    pub warnings: Vec<String>,
+    /// False when the run was stopped: confirmations only.
+    pub prune: bool,
+    /// Bookmarks are made this many datasets at a time.
+    pub threads: usize,
+    pub dry_run: bool,
 }
 
 fn in_sync(o: &Outcome) -> bool {
@@ -61,12 +59,12 @@ fn snap(ds: &DatasetName, name: &str) -> Option<zfsync_common::naming::SnapshotN
 /// `zfs` CLI takes one bookmark per call, so the datasets are worked on
 /// `--threads` at a time. Returns the warnings.
 async fn move_bookmarks(
-    opts: &Options,
+    scope: &Scope<'_>,
     mark: &str,
     confirmed: &[zfsync_common::naming::SnapshotName],
     by_name: &BTreeMap<&DatasetName, &Dataset>,
 ) -> Vec<String> {
-    let zfs = &opts.zfs;
+    let zfs = scope.zfs;
     let work = confirmed.iter().map(|s| {
         let ds = s.dataset();
         let stale: Vec<String> = by_name
@@ -76,7 +74,8 @@ async fn move_bookmarks(
                     .iter()
                     .map(|b| b.name.to_string())
                     .filter(|b| {
-                        b != mark && parse_bookmark(b).is_some_and(|(id, _)| id == opts.receiver_id)
+                        b != mark
+                            && parse_bookmark(b).is_some_and(|(id, _)| id == scope.receiver_id)
                     })
                     .collect()
             })
@@ -96,7 +95,7 @@ async fn move_bookmarks(
         }
     });
     futures::stream::iter(work)
-        .buffer_unordered(opts.threads.max(1))
+        .buffer_unordered(scope.threads.max(1))
         .collect::<Vec<Vec<String>>>()
         .await
         .into_iter()
@@ -106,14 +105,14 @@ async fn move_bookmarks(
 
 /// Records this run's confirmations, then prunes. `datasets` is the run's
 /// one listing (taken after the run's snapshot); `outcomes` is empty when
-/// the receiver could not be reached.
-pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -> Retention {
-    let zfs = &opts.zfs;
-    let prop = format_confirm_prop(&opts.receiver_id);
-    let tag = format_hold_tag(HoldTag::Sender(&opts.receiver_id));
+/// the receiver could not be reached. Prunes only with `scope.prune`.
+pub async fn apply(scope: &Scope<'_>, datasets: &[Dataset], outcomes: &[Outcome]) -> Retention {
+    let zfs = scope.zfs;
+    let prop = format_confirm_prop(scope.receiver_id);
+    let tag = format_hold_tag(HoldTag::Sender(scope.receiver_id));
     let mut r = Retention {
-        class: opts.snapshot.as_ref().map(|(c, _)| *c),
-        keep: opts.keep,
+        class: scope.snapshot.map(|(c, _)| c),
+        keep: scope.keep,
         ..Retention::default()
     };
     let by_name: BTreeMap<&DatasetName, &Dataset> = datasets.iter().map(|d| (&d.name, d)).collect();
@@ -126,7 +125,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
     let mut unheld: BTreeMap<DatasetName, String> = BTreeMap::new();
     // 1. Confirmations: one `zfs set` per snapshot name (a recursive
     // snapshot gives the whole tree one name), only where it moved.
-    if !opts.dry_run {
+    if !scope.dry_run {
         let mut moved: BTreeMap<String, Vec<DatasetName>> = BTreeMap::new();
         let mut released: Vec<zfsync_common::naming::SnapshotName> = Vec::new();
         for o in outcomes.iter().filter(|o| in_sync(o)) {
@@ -172,9 +171,9 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             // receiver id, so `TAG:` names this receiver's bookmarks only.
             if zfs.caps().has(Cap::Bookmarks) {
                 if let Ok(snap) = SnapName::new(name) {
-                    let mark = format_bookmark(&opts.receiver_id, &snap);
+                    let mark = format_bookmark(scope.receiver_id, &snap);
                     r.warnings
-                        .extend(move_bookmarks(opts, &mark, &held, &by_name).await);
+                        .extend(move_bookmarks(scope, &mark, &held, &by_name).await);
                 }
             }
         }
@@ -187,19 +186,18 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
     }
 
     // 2. Pruning of the run's class.
-    let (Some((class, _)), Some(keep)) = (&opts.snapshot, opts.keep) else {
+    let (Some((class, stamp)), Some(keep)) = (scope.snapshot, scope.keep) else {
         return r;
     };
+    if !scope.prune {
+        r.pruning_skipped = true;
+        return r;
+    }
     // A dry run takes no snapshot: reckon with the one a real run would
     // take, and with its confirmation, as if the run succeeded.
     let simulated: Vec<Dataset>;
-    let datasets = if opts.dry_run {
-        let stamp = opts
-            .snapshot
-            .as_ref()
-            .map(|(_, s)| s.as_str())
-            .unwrap_or("");
-        let name = format_tool_snapshot(stamp, *class).ok();
+    let datasets = if scope.dry_run {
+        let name = format_tool_snapshot(stamp, class).ok();
         simulated = datasets
             .iter()
             .map(|d| {
@@ -230,7 +228,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
         }
         let plan = prune(
             &d.snapshots,
-            *class,
+            class,
             keep,
             confirmed.get(&d.name).map(String::as_str),
             &held,
@@ -250,7 +248,7 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
         }
     }
     for (name, dss) in doomed {
-        if opts.dry_run {
+        if scope.dry_run {
             r.pruned.extend(dss.iter().map(|d| format!("{d}@{name}")));
             continue;
         }
@@ -259,9 +257,9 @@ pub async fn apply(opts: &Options, datasets: &[Dataset], outcomes: &[Outcome]) -
             .iter()
             .filter(|d| d.snapshots.iter().any(|s| s.name.as_str() == name))
             .count();
-        let whole = dss.len() == having && dss.contains(&opts.source);
+        let whole = dss.len() == having && dss.contains(scope.source);
         let calls: Vec<(DatasetName, bool)> = if whole {
-            vec![(opts.source.clone(), true)]
+            vec![(scope.source.clone(), true)]
         } else {
             dss.iter().map(|d| (d.clone(), false)).collect()
         };

@@ -1,73 +1,46 @@
-//! What happened to each dataset, and the summary printed at the end of a
-//! run. Pure: rendering is tested without ZFS.
+//! The summary printed at the end of a run: rendering only, of the types
+//! in [`crate::report`]. Pure: tested without ZFS.
 
 use std::fmt::Write;
 use std::time::Duration;
 
+use zfsync_common::client::CleanReport;
 use zfsync_common::naming::DatasetName;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SendKind {
-    /// The receiver had no such dataset.
-    Full,
-    Incremental,
-    /// `--full` replaced the receiver's copy.
-    Replaced,
-}
+use crate::report::{human_bytes, Delete, Outcome, Report, Retention, SendKind, Status};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Status {
-    UpToDate {
-        snapshot: String,
-    },
-    Sent {
-        kind: SendKind,
-        from: Option<String>,
-        to: String,
-        snapshots: usize,
-        bytes: u64,
-        /// Received into the buffer; `placed` once cleanbuffer moved it.
-        buffered: bool,
-        placed: bool,
-        /// Snapshots the receiver destroyed to mirror retention.
-        mirrored: usize,
-    },
-    /// `--dry-run`: what would be done.
-    Planned {
-        what: String,
-    },
-    NoSnapshots,
-    Failed {
-        reason: String,
-    },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    pub dataset: DatasetName,
-    pub status: Status,
-}
-
-impl Outcome {
-    pub fn failed(&self) -> bool {
-        matches!(self.status, Status::Failed { .. })
+/// The whole closing summary of a run, as printed (also re-exported as
+/// `zfsync_send::summary`).
+pub fn report_text(source: &DatasetName, receiver: &str, report: &Report) -> String {
+    let mut s = String::new();
+    if report.dry_run {
+        s.push_str("DRY RUN: nothing was changed on either side\n");
     }
-}
-
-/// 1536 -> "1.5 KiB".
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
+    if let Some(snap) = &report.snapshot {
+        s.push_str(&format!("snapshot taken: {snap}\n"));
     }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    s.push_str(&render(
+        source,
+        receiver,
+        &report.outcomes,
+        report.elapsed,
+        50,
+    ));
+    s.push_str(&render_after(
+        &report.retention,
+        report.mirrored,
+        &report.clean,
+        report.dry_run,
+        report.delete,
+    ));
+    s.push_str(&result_line(
+        &report.outcomes,
+        report.dry_run,
+        report.unreachable.as_deref(),
+        report.retention.errors.len(),
+        report.stopped,
+    ));
+    s
 }
 
 fn describe(status: &Status) -> String {
@@ -180,18 +153,22 @@ pub fn render(
     out
 }
 
-/// The closing `result:` line.
+/// The closing `result:` line. `stopped`: the run was stopped before it
+/// was done (its failed datasets include those it did not get to).
 pub fn result_line(
     outcomes: &[Outcome],
     dry_run: bool,
     unreachable: Option<&str>,
     retention_errors: usize,
+    stopped: bool,
 ) -> String {
     let failed = outcomes.iter().filter(|o| o.failed()).count();
     if let Some(e) = unreachable {
         return format!("result: receiver unreachable, nothing sent: {e}\n");
     }
-    let mut s = if failed > 0 {
+    let mut s = if stopped {
+        format!("result: STOPPED before the end; {failed} dataset(s) not done (see above)")
+    } else if failed > 0 {
         format!("result: {failed} dataset(s) FAILED (see above)")
     } else if dry_run {
         let planned = outcomes
@@ -226,36 +203,34 @@ fn listed(names: &[String]) -> String {
 }
 
 /// Retention, mirrored retention and orphans, after the dataset lines.
-/// What became of `--delete-missing`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Delete {
-    #[default]
-    NotAsked,
-    /// Asked for, but a dataset failed: nothing was deleted.
-    Skipped,
-    Done,
-}
-
 pub fn render_after(
-    r: &crate::retention::Retention,
+    r: &Retention,
     mirrored: usize,
-    clean: &zfsync_common::client::CleanReport,
+    clean: &CleanReport,
     dry_run: bool,
     delete: Delete,
 ) -> String {
     let mut out = String::new();
     if let (Some(class), Some(keep)) = (r.class, r.keep) {
         let verb = if dry_run { "would prune" } else { "pruned" };
-        let _ = write!(
-            out,
-            "retention (class {}, keep {keep}): {verb} {} snapshot(s)",
-            class.letter(),
-            r.pruned.len()
-        );
-        if !r.pruned.is_empty() {
-            let _ = write!(out, ": {}", listed(&r.pruned));
+        if r.pruning_skipped {
+            let _ = writeln!(
+                out,
+                "retention (class {}, keep {keep}): nothing pruned: the run was stopped",
+                class.letter()
+            );
+        } else {
+            let _ = write!(
+                out,
+                "retention (class {}, keep {keep}): {verb} {} snapshot(s)",
+                class.letter(),
+                r.pruned.len()
+            );
+            if !r.pruned.is_empty() {
+                let _ = write!(out, ": {}", listed(&r.pruned));
+            }
+            out.push('\n');
         }
-        out.push('\n');
         if !r.held_back.is_empty() {
             let _ = writeln!(
                 out,
@@ -321,101 +296,4 @@ pub fn render_after(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn o(name: &str, status: Status) -> Outcome {
-        Outcome {
-            dataset: DatasetName::new(name).unwrap(),
-            status,
-        }
-    }
-
-    #[test]
-    fn bytes() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
-    }
-
-    #[test]
-    fn renders_every_kind() {
-        let outcomes = vec![
-            o(
-                "p/a",
-                Status::UpToDate {
-                    snapshot: "s3".into(),
-                },
-            ),
-            o(
-                "p/a/b",
-                Status::Sent {
-                    kind: SendKind::Incremental,
-                    from: Some("s2".into()),
-                    to: "s3".into(),
-                    snapshots: 1,
-                    bytes: 2048,
-                    buffered: false,
-                    placed: false,
-                    mirrored: 0,
-                },
-            ),
-            o(
-                "p/a/c",
-                Status::Sent {
-                    kind: SendKind::Full,
-                    from: None,
-                    to: "s3".into(),
-                    snapshots: 3,
-                    bytes: 10,
-                    buffered: true,
-                    placed: true,
-                    mirrored: 0,
-                },
-            ),
-            o("p/a/d", Status::NoSnapshots),
-            o(
-                "p/a/e",
-                Status::Failed {
-                    reason: "no common snapshot; run with --full".into(),
-                },
-            ),
-        ];
-        let s = render(
-            &DatasetName::new("p/a").unwrap(),
-            "host:7878",
-            &outcomes,
-            Duration::from_millis(1500),
-            50,
-        );
-        assert!(s.contains("up to date (@s3)"), "{s}");
-        assert!(
-            s.contains("incremental @s2..@s3, 1 snapshot, 2.0 KiB"),
-            "{s}"
-        );
-        assert!(
-            s.contains("full ..@s3, 3 snapshots, 10 B, buffered then placed"),
-            "{s}"
-        );
-        assert!(s.contains("skipped: no snapshots"), "{s}");
-        assert!(
-            s.contains("FAILED: no common snapshot; run with --full"),
-            "{s}"
-        );
-        assert!(s.contains("datasets: 5 (1 up to date, 2 sent, 1 failed, 1 without snapshots); snapshots sent: 4"), "{s}");
-        assert!(
-            result_line(&outcomes, false, None, 0).contains("1 dataset(s) FAILED"),
-            "{s}"
-        );
-        let short = render(
-            &DatasetName::new("p/a").unwrap(),
-            "h",
-            &outcomes,
-            Duration::ZERO,
-            2,
-        );
-        assert!(short.contains("and 1 more datasets up to date"), "{short}");
-        assert!(!short.contains("(@s3)"), "{short}");
-    }
-}
+mod tests;

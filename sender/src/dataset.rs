@@ -1,0 +1,322 @@
+//! One dataset's sync: ask the receiver what it needs, resume a cut
+//! transfer, send the steps of the plan, finish. The receiver's answer is
+//! turned into what to do by pure functions ([`decide`],
+//! [`dry_run_plan`], [`base_name`]), table-tested below.
+
+use tokio_util::sync::CancellationToken;
+use zfsync_common::client::Client;
+use zfsync_common::naming::SnapshotName;
+use zfsync_common::plan::{steps_with_bookmarks, Decision};
+use zfsync_common::protocol::{SyncReply, SyncRequest};
+use zfsync_common::zfs::{SendWhat, Snapshot, ZfsError};
+
+use crate::error::DatasetError;
+use crate::report::{human_bytes, SendKind, Status};
+use crate::stream::{self, Outgoing};
+use crate::worker::Job;
+use crate::Options;
+
+/// Syncs one dataset. The run's stop (`shutdown`) is honoured between
+/// streams, and mid-stream by aborting it; a dataset whose streams all
+/// arrived is still finished (one message, and it is then in sync).
+pub(crate) async fn sync(
+    client: &mut Client,
+    opts: &Options,
+    job: &Job,
+    shutdown: &CancellationToken,
+) -> Result<Status, DatasetError> {
+    let snaps = &job.dataset.snapshots;
+    if snaps.is_empty() {
+        return Ok(Status::NoSnapshots);
+    }
+    if job.dataset.encrypted && !client.path().raw {
+        return Err(DatasetError::Encrypted {
+            dataset: job.dataset.name.clone(),
+            receiver_zfs: client.peer_caps().version.to_string(),
+        });
+    }
+    let bookmarks: &[Snapshot] = if client.path().bookmarks {
+        &job.dataset.bookmarks
+    } else {
+        &[]
+    };
+    let request = SyncRequest::new(&job.rel, snaps)
+        .bookmarks(bookmarks)
+        .allow_full(opts.allow_full);
+    let mut reply = client
+        .sync(&request.clone().dry_run(opts.dry_run))
+        .await
+        .map_err(DatasetError::Connection)?;
+    // A transfer cut in an earlier run: go on from where it stopped.
+    let mut resumed = 0u64;
+    if let SyncReply::Resume { token } = &reply {
+        if opts.dry_run {
+            return Ok(Status::Planned {
+                what: "would resume a cut transfer, then send what is newer".into(),
+            });
+        }
+        let token = token.clone();
+        reply = match resume(client, opts, job, &token, shutdown).await {
+            Ok(bytes) => {
+                resumed = bytes;
+                if shutdown.is_cancelled() {
+                    return Err(DatasetError::Cancelled);
+                }
+                client.sync(&request).await
+            }
+            Err(ResumeError::Stale(reason)) => {
+                tracing::warn!(dataset = %job.dataset.name, "cannot resume the cut transfer: {reason}; the receiver discards it and the dataset is planned again");
+                client.resume_failed(&reason).await
+            }
+            Err(ResumeError::Failed(e)) => return Err(e),
+        }
+        .map_err(DatasetError::Connection)?;
+    }
+    if opts.dry_run {
+        if let Some(what) = dry_run_plan(&reply, snaps) {
+            return Ok(Status::Planned { what });
+        }
+    }
+    let (decision, kind, count) = match decide(reply, snaps.len(), resumed)? {
+        Next::Done(status) => return Ok(status),
+        Next::Send {
+            decision,
+            kind,
+            count,
+        } => (decision, kind, count),
+    };
+    if let Decision::Full { reason, .. } = &decision {
+        tracing::warn!(dataset = %job.dataset.name, "replacing the receiver's copy (--full): {reason}");
+    }
+    let plan = steps_with_bookmarks(snaps, bookmarks, &decision);
+    let mut bytes = resumed;
+    for step in &plan {
+        if shutdown.is_cancelled() {
+            return Err(DatasetError::Cancelled);
+        }
+        bytes += stream::send_step(client, opts.zfs.as_ref(), &job.dataset, step, shutdown).await?;
+    }
+    let finished = client.finish().await.map_err(DatasetError::Connection)?;
+    Ok(Status::Sent {
+        kind,
+        from: base_name(&decision, snaps, bookmarks),
+        to: snaps.last().map(|s| s.name.to_string()).unwrap_or_default(),
+        snapshots: count,
+        bytes,
+        buffered: finished.buffered,
+        placed: false,
+        mirrored: finished.pruned.len(),
+    })
+}
+
+/// What a (non-resume) answer of the receiver asks of this side.
+#[derive(Debug, PartialEq)]
+enum Next {
+    /// Nothing to send: the dataset's status.
+    Done(Status),
+    Send {
+        decision: Decision,
+        kind: SendKind,
+        /// Snapshots that will arrive.
+        count: usize,
+    },
+}
+
+/// Maps the receiver's answer to what to do. `snapshots`: how many the
+/// source has; `resumed`: bytes of a cut transfer completed just before.
+fn decide(reply: SyncReply, snapshots: usize, resumed: u64) -> Result<Next, DatasetError> {
+    Ok(match reply {
+        // The resumed stream brought the newest snapshot.
+        SyncReply::UpToDate { snapshot } if resumed > 0 => Next::Done(Status::Sent {
+            kind: SendKind::Incremental,
+            from: None,
+            to: snapshot,
+            snapshots: 1,
+            bytes: resumed,
+            buffered: false,
+            placed: false,
+            mirrored: 0,
+        }),
+        SyncReply::UpToDate { snapshot } => Next::Done(Status::UpToDate { snapshot }),
+        SyncReply::Incremental { base_guid, count } => Next::Send {
+            decision: Decision::Incremental {
+                base_guid,
+                count: count as usize,
+            },
+            kind: SendKind::Incremental,
+            count: count as usize,
+        },
+        SyncReply::New { buffered } => Next::Send {
+            decision: Decision::New { buffered },
+            kind: SendKind::Full,
+            count: snapshots,
+        },
+        SyncReply::Full {
+            reason,
+            accepted: true,
+        } => Next::Send {
+            decision: Decision::Full {
+                reason,
+                accepted: true,
+            },
+            kind: SendKind::Replaced,
+            count: snapshots,
+        },
+        SyncReply::Full {
+            reason,
+            accepted: false,
+        } => return Err(DatasetError::NeedsFull { reason }),
+        SyncReply::Refused {
+            reason,
+            temporary: true,
+        } => return Err(DatasetError::Busy { reason }),
+        SyncReply::Refused {
+            reason,
+            temporary: false,
+        } => return Err(DatasetError::Refused { reason }),
+        SyncReply::Resume { .. } => return Err(DatasetError::ResumeTwice),
+    })
+}
+
+/// `--dry-run`: what the answer would make this side do; `None` where the
+/// answer is reported as in a real run (up to date, refused, needs full).
+fn dry_run_plan(reply: &SyncReply, snaps: &[Snapshot]) -> Option<String> {
+    let newest = snaps.last().map(|s| s.name.to_string()).unwrap_or_default();
+    match reply {
+        SyncReply::Incremental { base_guid, count } => {
+            let base = snaps
+                .iter()
+                .find(|s| s.guid == *base_guid)
+                .map(|s| s.name.to_string())
+                .unwrap_or_default();
+            Some(format!(
+                "would send incremental @{base}..@{newest}, {count} snapshot(s)"
+            ))
+        }
+        SyncReply::New { buffered } => Some(format!(
+            "would send full ..@{newest}, {} snapshot(s){}",
+            snaps.len(),
+            if *buffered { ", into the buffer" } else { "" }
+        )),
+        SyncReply::Full {
+            reason,
+            accepted: true,
+        } => Some(format!("would replace the receiver's copy ({reason})")),
+        _ => None,
+    }
+}
+
+/// The base of an incremental as the summary shows it: `snap`, or
+/// `#bookmark` when the base is one of the sender's bookmarks.
+fn base_name(decision: &Decision, snaps: &[Snapshot], bookmarks: &[Snapshot]) -> Option<String> {
+    let Decision::Incremental { base_guid, .. } = decision else {
+        return None;
+    };
+    snaps
+        .iter()
+        .find(|s| s.guid == *base_guid)
+        .map(|s| s.name.to_string())
+        .or_else(|| {
+            bookmarks
+                .iter()
+                .find(|b| b.guid == *base_guid)
+                .map(|b| format!("#{}", b.name))
+        })
+}
+
+enum ResumeError {
+    /// The token cannot be used here (its snapshot is gone, it names
+    /// another dataset): the receiver discards the partial state.
+    Stale(String),
+    /// The resumed stream, or reading the token, failed.
+    Failed(DatasetError),
+}
+
+/// Continues a cut transfer with `zfs send -t TOKEN`, after checking that
+/// the token names a snapshot of this very dataset that was announced.
+async fn resume(
+    client: &mut Client,
+    opts: &Options,
+    job: &Job,
+    token: &str,
+    shutdown: &CancellationToken,
+) -> Result<u64, ResumeError> {
+    let info = match opts.zfs.resume_info(token).await {
+        Ok(i) => i,
+        // The token's snapshot is gone or is another one: stale.
+        Err(ZfsError::ResumeTokenStale { stderr, .. }) => {
+            return Err(ResumeError::Stale(stderr));
+        }
+        Err(ZfsError::DoesNotExist { name }) => {
+            return Err(ResumeError::Stale(format!("{name} does not exist")))
+        }
+        // Anything else (a zfs failure, output not understood): keep the
+        // receiver's partial state for a later run.
+        Err(e) => return Err(ResumeError::Failed(DatasetError::ResumeToken(e))),
+    };
+    let named = SnapshotName::new(&info.to_name)
+        .map_err(|e| ResumeError::Stale(format!("the token names {:?}: {e}", info.to_name)))?;
+    if named.dataset() != job.dataset.name {
+        return Err(ResumeError::Stale(format!(
+            "the token names {}, not a snapshot of {}",
+            info.to_name, job.dataset.name
+        )));
+    }
+    let Some(to) = job
+        .dataset
+        .snapshots
+        .iter()
+        .find(|s| s.guid == info.to_guid)
+    else {
+        return Err(ResumeError::Stale(format!(
+            "{} is no longer here (guid {})",
+            info.to_name, info.to_guid
+        )));
+    };
+    tracing::info!(
+        dataset = %job.dataset.name,
+        to = %to.name,
+        done = info.bytes_done.unwrap_or(0),
+        left = info.bytes_left.unwrap_or(0),
+        "resuming a cut transfer: {} already on the receiver, about {} to go",
+        human_bytes(info.bytes_done.unwrap_or(0)),
+        human_bytes(info.bytes_left.unwrap_or(0))
+    );
+    // An encrypted dataset travels raw, whatever the token (it comes from
+    // the receiver) asks for: never decrypted.
+    if job.dataset.encrypted && !info.raw {
+        return Err(ResumeError::Stale(format!(
+            "{} is encrypted and the token is not for a raw stream",
+            job.dataset.name
+        )));
+    }
+    let flags = if job.dataset.encrypted {
+        vec!["-w"]
+    } else {
+        Vec::new()
+    };
+    let what = SendWhat::Resume {
+        token: token.to_string(),
+    };
+    let to_name = job
+        .dataset
+        .name
+        .snapshot(&to.name)
+        .map_err(|e| ResumeError::Failed(DatasetError::Name(e)))?;
+    let out = Outgoing {
+        to: &to_name,
+        what: &what,
+        flags: &flags,
+        from_guid: (info.from_guid != 0).then_some(info.from_guid),
+        to_snap: to,
+        resume: true,
+    };
+    let bytes = stream::pipe(client, opts.zfs.as_ref(), &out, shutdown)
+        .await
+        .map_err(ResumeError::Failed)?;
+    tracing::info!(dataset = %job.dataset.name, bytes, "resumed transfer complete");
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,231 @@
+//! The queue of datasets and the worker loop: each worker holds one
+//! connection, takes datasets parent-first until the queue is empty or the
+//! run is stopped, and decides by the failure's class what becomes of a
+//! dataset that failed (tried again later in the run, or reported).
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use zfsync_common::client::{Client, ClientError, ClientOptions};
+use zfsync_common::naming::RelPath;
+use zfsync_common::zfs::Dataset;
+
+use crate::dataset;
+use crate::error::{Class, DatasetError};
+use crate::report::{Outcome, Status};
+use crate::Options;
+
+/// How often a dataset the receiver calls busy is tried in one run.
+const BUSY_TRIES: u32 = 5;
+
+/// One dataset to sync.
+#[derive(Clone, Debug)]
+pub(crate) struct Job {
+    pub rel: RelPath,
+    pub dataset: Dataset,
+    /// Earlier attempts that found the dataset busy on the receiver.
+    pub tries: u32,
+}
+
+/// The datasets still to sync and what became of the others, shared by
+/// the workers.
+pub(crate) struct Queue {
+    /// Taken from the front by every worker (parent-first); a busy dataset
+    /// goes back to the end. A mutex, not a channel: jobs go back in.
+    jobs: Mutex<VecDeque<Job>>,
+    /// Pushed by whichever worker finished a dataset.
+    done: Mutex<Vec<Outcome>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Queue {
+    pub fn new(jobs: Vec<Job>) -> Queue {
+        Queue {
+            jobs: Mutex::new(jobs.into()),
+            done: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.jobs).len()
+    }
+
+    fn pop(&self) -> Option<Job> {
+        lock(&self.jobs).pop_front()
+    }
+
+    fn push_back(&self, job: Job) {
+        lock(&self.jobs).push_back(job);
+    }
+
+    fn record(&self, outcome: Outcome) {
+        lock(&self.done).push(outcome);
+    }
+
+    /// What was done, and the jobs no worker took.
+    pub fn finish(&self) -> (Vec<Outcome>, Vec<Job>) {
+        (
+            std::mem::take(&mut *lock(&self.done)),
+            lock(&self.jobs).drain(..).collect(),
+        )
+    }
+}
+
+/// Connects, unless the run is stopped first (`None`).
+pub(crate) async fn connect(
+    opts: &ClientOptions,
+    shutdown: &CancellationToken,
+) -> Option<Result<Client, ClientError>> {
+    tokio::select! {
+        c = Client::connect(opts) => Some(c),
+        _ = shutdown.cancelled() => None,
+    }
+}
+
+/// What becomes of a dataset that failed.
+#[derive(Debug, PartialEq, Eq)]
+enum Then {
+    /// Back to the end of the queue, tried again after a pause.
+    Requeue,
+    /// Reported as failed.
+    Report,
+}
+
+/// A temporary failure that left the connection usable (the receiver is
+/// busy with the dataset) is tried again, a few times, later in the run.
+/// One that cost the connection is reported and left to the next run (a
+/// receiver that cut the dataset once is likely to cut it again; what it
+/// received whole is kept). A stopped run and a permanent failure are
+/// reported.
+fn then(e: &DatasetError, tries: u32) -> Then {
+    match e.class() {
+        Class::Temporary
+            if !e.connection_lost()
+                && !matches!(e, DatasetError::Cancelled)
+                && tries + 1 < BUSY_TRIES =>
+        {
+            Then::Requeue
+        }
+        Class::Temporary | Class::Permanent => Then::Report,
+    }
+}
+
+/// Takes jobs until the queue is empty or the run is stopped. A lost
+/// connection fails the job in progress; the worker reconnects and goes
+/// on, or stops and leaves the rest to the other workers. A dataset the
+/// receiver calls busy goes back to the end of the queue a few times. A
+/// stop is seen between datasets and between streams; a stream in flight
+/// is aborted (see [`crate::stream::pipe`]).
+pub(crate) async fn worker(
+    id: usize,
+    mut client: Option<Client>,
+    opts: &Options,
+    queue: &Queue,
+    shutdown: &CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        if client.is_none() {
+            match connect(&opts.client, shutdown).await {
+                Some(Ok(c)) => client = Some(c),
+                Some(Err(e)) => {
+                    tracing::warn!(worker = id, "cannot connect: {e}");
+                    return;
+                }
+                None => break,
+            }
+        }
+        let Some(c) = client.as_mut() else {
+            return;
+        };
+        let Some(mut job) = queue.pop() else {
+            break;
+        };
+        if job.tries > 0 {
+            let pause = tokio::time::sleep(Duration::from_secs(u64::from(job.tries)));
+            tokio::select! {
+                _ = pause => {}
+                _ = shutdown.cancelled() => {
+                    queue.push_back(job);
+                    break;
+                }
+            }
+        }
+        let status = match dataset::sync(c, opts, &job, shutdown).await {
+            Ok(status) => status,
+            Err(e) => {
+                if e.connection_lost() {
+                    client = None;
+                }
+                if then(&e, job.tries) == Then::Requeue {
+                    tracing::info!(worker = id, dataset = %job.dataset.name, "busy on the receiver; trying again later");
+                    job.tries += 1;
+                    queue.push_back(job);
+                    continue;
+                }
+                Status::Failed {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        match &status {
+            Status::Failed { reason } => {
+                tracing::warn!(worker = id, dataset = %job.dataset.name, "failed: {reason}")
+            }
+            other => tracing::info!(worker = id, dataset = %job.dataset.name, ?other, "done"),
+        }
+        queue.record(Outcome {
+            dataset: job.dataset.name,
+            status,
+        });
+    }
+    if let Some(c) = client {
+        c.bye().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use zfsync_common::protocol::ProtocolError;
+
+    use super::*;
+    use crate::error::StreamFailure;
+
+    #[test]
+    fn what_becomes_of_a_failure() {
+        let busy = || DatasetError::Busy {
+            reason: "busy".into(),
+        };
+        let lost = || DatasetError::Connection(ClientError::Protocol(ProtocolError::Closed));
+        let cases: Vec<(DatasetError, u32, Then)> = vec![
+            (busy(), 0, Then::Requeue),
+            (busy(), BUSY_TRIES - 2, Then::Requeue),
+            (busy(), BUSY_TRIES - 1, Then::Report),
+            (lost(), 0, Then::Report),
+            (DatasetError::ResumeTwice, 0, Then::Report),
+            (DatasetError::Cancelled, 0, Then::Report),
+            (
+                DatasetError::Refused {
+                    reason: "no".into(),
+                },
+                0,
+                Then::Report,
+            ),
+            (
+                DatasetError::Stream {
+                    failure: StreamFailure::NoStdout,
+                    connection_lost: false,
+                },
+                0,
+                Then::Report,
+            ),
+        ];
+        for (e, tries, want) in cases {
+            assert_eq!(then(&e, tries), want, "{e:?} after {tries} tries");
+        }
+    }
+}
