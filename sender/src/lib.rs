@@ -58,3 +58,14 @@ pub struct Options {
     /// This receiver's name in the confirmation property and hold tag.
     pub receiver_id: String,
 }
+
+#[cfg(test)]
+mod spawnable {
+    /// A library caller can `tokio::spawn` a run: its future is `Send` and
+    /// `'static` given owned options.
+    #[allow(dead_code)]
+    fn run_future_is_spawnable(opts: crate::Options, token: tokio_util::sync::CancellationToken) {
+        fn spawnable<F: std::future::Future + Send + 'static>(_: F) {}
+        spawnable(crate::run(opts, token));
+    }
+}

@@ -65,34 +65,46 @@ async fn move_bookmarks(
     by_name: &BTreeMap<&DatasetName, &Dataset>,
 ) -> Vec<String> {
     let zfs = scope.zfs;
-    let work = confirmed.iter().map(|s| {
-        let ds = s.dataset();
-        let stale: Vec<String> = by_name
-            .get(&ds)
-            .map(|d| {
-                d.bookmarks
-                    .iter()
-                    .map(|b| b.name.to_string())
-                    .filter(|b| {
-                        b != mark
-                            && parse_bookmark(b).is_some_and(|(id, _)| id == scope.receiver_id)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        async move {
-            let mut warnings = Vec::new();
-            if let Err(e) = zfs.bookmark(s, mark).await {
-                warnings.push(format!("cannot bookmark {s}: {e}"));
-                return warnings;
-            }
-            for old in stale {
-                if let Err(e) = zfs.destroy_bookmark(&ds, &old).await {
-                    warnings.push(format!("cannot destroy the old bookmark {ds}#{old}: {e}"));
-                }
-            }
-            warnings
+    // Owned inputs, so that the closure below takes no reference: a
+    // closure over `&SnapshotName` makes the whole run's future
+    // impossible to `tokio::spawn` (a higher-ranked lifetime rustc cannot
+    // prove Send for).
+    let items: Vec<(
+        zfsync_common::naming::SnapshotName,
+        DatasetName,
+        Vec<String>,
+    )> = confirmed
+        .iter()
+        .map(|s| {
+            let ds = s.dataset();
+            let stale: Vec<String> = by_name
+                .get(&ds)
+                .map(|d| {
+                    d.bookmarks
+                        .iter()
+                        .map(|b| b.name.to_string())
+                        .filter(|b| {
+                            b != mark
+                                && parse_bookmark(b).is_some_and(|(id, _)| id == scope.receiver_id)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (s.clone(), ds, stale)
+        })
+        .collect();
+    let work = items.into_iter().map(move |(s, ds, stale)| async move {
+        let mut warnings = Vec::new();
+        if let Err(e) = zfs.bookmark(&s, mark).await {
+            warnings.push(format!("cannot bookmark {s}: {e}"));
+            return warnings;
         }
+        for old in stale {
+            if let Err(e) = zfs.destroy_bookmark(&ds, &old).await {
+                warnings.push(format!("cannot destroy the old bookmark {ds}#{old}: {e}"));
+            }
+        }
+        warnings
     });
     futures::stream::iter(work)
         .buffer_unordered(scope.threads.max(1))
