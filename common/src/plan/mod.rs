@@ -253,7 +253,7 @@ mod tests {
     use super::*;
     use crate::naming::SnapName;
 
-    fn s(name: &str, guid: u64, txg: u64) -> Snapshot {
+    pub(super) fn s(name: &str, guid: u64, txg: u64) -> Snapshot {
         Snapshot {
             name: SnapName::new(name).unwrap(),
             guid,

@@ -81,15 +81,7 @@ pub fn mirror(target: &[Snapshot], announced: &[Snapshot]) -> Vec<SnapName> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::naming::SnapName;
-
-    fn s(name: &str, guid: u64, txg: u64) -> Snapshot {
-        Snapshot {
-            name: SnapName::new(name).unwrap(),
-            guid,
-            createtxg: txg,
-        }
-    }
+    use crate::plan::tests::s;
 
     #[test]
     fn prune_table() {

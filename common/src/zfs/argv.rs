@@ -225,10 +225,6 @@ pub fn rollback_argv(snap: &SnapshotName) -> Vec<OsString> {
     os(&["rollback", snap.as_str()])
 }
 
-pub fn set_argv(ds: &DatasetName, prop: &str, value: &str) -> Vec<OsString> {
-    os(&["set", &format!("{prop}={value}"), ds.as_str()])
-}
-
 pub fn unmount_argv(ds: &DatasetName) -> Vec<OsString> {
     os(&["unmount", ds.as_str()])
 }
@@ -438,7 +434,7 @@ mod tests {
             destroy_argv(&ds("p/b"), true) => ["destroy", "-r", "p/b"],
             destroy_argv(&ds("p/b"), false) => ["destroy", "p/b"],
             rollback_argv(&snap("p/b@s")) => ["rollback", "p/b@s"],
-            set_argv(&ds("p/b"), "canmount", "noauto") => ["set", "canmount=noauto", "p/b"],
+            set_many_argv(&[ds("p/b")], "canmount", "noauto") => ["set", "canmount=noauto", "p/b"],
             unmount_argv(&ds("p/b")) => ["unmount", "p/b"],
             set_many_argv(&[ds("p/b"), ds("p/c")], "readonly", "on") => [
                 "set", "readonly=on", "p/b", "p/c",

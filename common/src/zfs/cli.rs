@@ -236,10 +236,6 @@ impl ZfsBackend for Zfs {
         self.retry_busy(&rollback_argv(snap), None).await
     }
 
-    async fn set(&self, ds: &DatasetName, prop: &str, value: &str) -> Result<(), ZfsError> {
-        self.run(&set_argv(ds, prop, value)).await.map(drop)
-    }
-
     async fn set_many(
         &self,
         datasets: &[DatasetName],

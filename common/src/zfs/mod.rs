@@ -64,7 +64,6 @@ pub trait ZfsBackend: Send + Sync + std::fmt::Debug {
     async fn unmount(&self, ds: &DatasetName) -> Result<(), ZfsError>;
     /// `zfs rollback snap`, never `-r`: refused when newer snapshots exist.
     async fn rollback(&self, snap: &SnapshotName) -> Result<(), ZfsError>;
-    async fn set(&self, ds: &DatasetName, prop: &str, value: &str) -> Result<(), ZfsError>;
     /// One property on many datasets in one call.
     async fn set_many(
         &self,
@@ -99,6 +98,11 @@ pub trait ZfsBackend: Send + Sync + std::fmt::Debug {
     async fn resume_info(&self, token: &str) -> Result<ResumeInfo, ZfsError>;
     /// `zfs receive -A dest`: discards a cut resumable receive.
     async fn abort_resumable(&self, dest: &DatasetName) -> Result<(), ZfsError>;
+
+    /// `zfs set PROP=VALUE ds`.
+    async fn set(&self, ds: &DatasetName, prop: &str, value: &str) -> Result<(), ZfsError> {
+        self.set_many(std::slice::from_ref(ds), prop, value).await
+    }
 
     /// Whole trees (datasets and snapshots) in one call.
     async fn list_trees(&self, roots: &[&DatasetName]) -> Result<Tree, ZfsError> {

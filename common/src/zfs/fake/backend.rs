@@ -181,10 +181,6 @@ impl ZfsBackend for FakeZfs {
         })
     }
 
-    async fn set(&self, ds: &DatasetName, prop: &str, value: &str) -> Result<(), ZfsError> {
-        self.set_many(std::slice::from_ref(ds), prop, value).await
-    }
-
     async fn set_many(
         &self,
         datasets: &[DatasetName],
