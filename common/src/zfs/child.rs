@@ -98,8 +98,11 @@ impl ZfsChild {
     /// as the first did, without waiting.
     pub async fn close(&mut self) -> Result<(), ZfsError> {
         self.stdin = None;
-        let result = match std::mem::replace(&mut self.inner, Inner::Ended(None)) {
-            Inner::Process { mut child, stderr } => match child.wait().await {
+        // Waited for in place: should this future be dropped mid-wait (a
+        // timeout, a cancelled task), the child is still there for
+        // `abort` and for Drop.
+        let result = match &mut self.inner {
+            Inner::Process { child, stderr } => match child.wait().await {
                 Err(source) => Err(ZfsError::Io {
                     argv: self.argv.clone(),
                     source,
@@ -127,12 +130,11 @@ impl ZfsChild {
             },
             Inner::Ended(None) => return Ok(()),
             Inner::Ended(Some(reason)) => {
-                self.inner = Inner::Ended(Some(reason.clone()));
                 return Err(ZfsError::Failed {
                     argv: self.argv.clone(),
                     status: "already reported".into(),
-                    stderr: reason,
-                });
+                    stderr: reason.clone(),
+                })
             }
         };
         self.inner = Inner::Ended(result.as_ref().err().map(|e| e.to_string()));
@@ -203,4 +205,50 @@ async fn collect_stderr(mut r: impl AsyncRead + Unpin) -> String {
         }
     }
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn never() -> ZfsChild {
+        ZfsChild::task("zfs receive p/x".into(), None, None, async {
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn close_is_idempotent_and_keeps_the_first_answer() {
+        let mut ok = ZfsChild::task("zfs send p/x@s".into(), None, None, async { Ok(()) });
+        assert!(ok.close().await.is_ok());
+        assert!(ok.close().await.is_ok());
+        let mut bad = ZfsChild::task("zfs receive p/x".into(), None, None, async {
+            Err(ZfsError::from_failure(
+                "zfs receive p/x",
+                "exit status: 1",
+                "cannot receive: invalid backup stream".into(),
+            ))
+        });
+        assert!(bad.close().await.is_err());
+        let again = bad.close().await.unwrap_err().to_string();
+        assert!(again.contains("invalid backup stream"), "{again}");
+    }
+
+    #[tokio::test]
+    async fn a_close_cut_short_leaves_the_child_to_abort() {
+        let mut c = never();
+        assert!(tokio::time::timeout(Duration::from_millis(20), c.close())
+            .await
+            .is_err());
+        // Still running: abort ends it, and every later call says so.
+        c.abort().await;
+        assert!(c.close().await.is_err());
+        c.abort().await;
+        let mut d = never();
+        assert!(d.close_within(Duration::from_millis(20)).await.is_err());
+        assert!(d.close().await.is_err());
+    }
 }

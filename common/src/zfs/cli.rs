@@ -320,7 +320,13 @@ impl ZfsBackend for Zfs {
             String::from_utf8_lossy(&out.stderr)
         );
         if !out.status.success() {
-            return Err(ZfsError::from_failure(&argv, &out.status.to_string(), text));
+            // Classified on stderr: stdout holds the token's contents.
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            return Err(ZfsError::from_failure(
+                &argv,
+                &out.status.to_string(),
+                stderr,
+            ));
         }
         parse_resume_info(&text).ok_or_else(|| ZfsError::Parse {
             line: text.lines().take(3).collect::<Vec<_>>().join(" | "),

@@ -27,16 +27,16 @@ pub enum ZfsError {
         stderr: String,
     },
     /// `cannot create snapshot 'p/x@s': dataset already exists`
-    #[error("`{argv}` failed: the snapshot already exists: {stderr}")]
+    #[error("`{argv}` failed: {stderr}")]
     SnapshotExists { argv: String, stderr: String },
     /// `zfs send -t`/`-nvP -t` on a token whose snapshot is gone or is
     /// another dataset's: `cannot resume send: 'p/x@s' used in the initial
     /// send no longer exists` (or `... is no longer the same snapshot`).
-    #[error("the resume token cannot be used here: {stderr}")]
+    #[error("`{argv}` failed: {stderr}")]
     ResumeTokenStale { argv: String, stderr: String },
     /// `cannot receive: stream has unsupported feature, feature flags = 4`
     /// (zfs-fuse receiving an OpenZFS ZPL 5 stream, for example).
-    #[error("`{argv}` failed: the stream uses a feature this zfs cannot receive: {stderr}")]
+    #[error("`{argv}` failed: {stderr}")]
     UnsupportedStreamFeature { argv: String, stderr: String },
     #[error("`{argv}` failed ({status}): {stderr}")]
     Failed {
@@ -90,11 +90,14 @@ impl ZfsError {
         // OpenZFS prints "cannot resume send: " before every failure of
         // `send -t`, also an I/O error while estimating (`estimate_size`):
         // only what says the token can never be used here is stale.
-        if stderr.starts_with("cannot resume send")
-            && (stderr.contains("used in the initial send")
-                || stderr.contains("no longer exists")
-                || stderr.contains("resume token is corrupt"))
-        {
+        // `send -nvP -t` prints the token's contents before the failure,
+        // so the line may come after others.
+        if stderr.lines().any(|l| {
+            l.trim_start().starts_with("cannot resume send")
+                && (l.contains("used in the initial send")
+                    || l.contains("no longer exists")
+                    || l.contains("resume token is corrupt"))
+        }) {
             return ZfsError::ResumeTokenStale { argv, stderr };
         }
         if stderr.starts_with("cannot create snapshot") && stderr.contains("already exists") {
@@ -368,5 +371,18 @@ mod tests {
         ] {
             assert_eq!(does_not_exist(text), None, "{text:?}");
         }
+    }
+
+    /// `zfs send -nvP -t` prints the token's contents (stdout) before the
+    /// failure (stderr); a caller that joins both still gets the variant.
+    #[test]
+    fn a_stale_token_after_the_tokens_contents_is_still_stale() {
+        let joined = "resume token contents:\nnvlist version: 0\n\tobject = 0x6\n\toffset = 0x0\n\tbytes = 0x1f400\n\ttoguid = 0x3a6d2c1b0e9f8a7\n\ttoname = tank/a@s1\ncannot resume send: 'tank/a@s1' used in the initial send no longer exists\n";
+        let e = ZfsError::from_failure("zfs send -nvP -t 1-x", STATUS, joined.into());
+        assert!(matches!(e, ZfsError::ResumeTokenStale { .. }), "{e:?}");
+        let io =
+            "resume token contents:\nnvlist version: 0\ncannot resume send: Input/output error\n";
+        let e = ZfsError::from_failure("zfs send -nvP -t 1-x", STATUS, io.into());
+        assert!(matches!(e, ZfsError::Failed { .. }), "{e:?}");
     }
 }
