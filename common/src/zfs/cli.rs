@@ -28,7 +28,17 @@ pub struct Zfs {
     /// which keeps every call on the oldest common ground (zfs-fuse).
     /// Shared by clones: one probe serves every handle.
     caps: Arc<RwLock<Caps>>,
+    /// Longest a call that runs to completion (everything but the streams
+    /// of `send` and `receive`) may take: a wedged `zfs` or a suspended
+    /// pool must not hold a dataset lock forever. The process is killed
+    /// when it is exceeded.
+    timeout: Duration,
 }
+
+/// The default of [`Zfs::with_timeout`]: generous, since a `zfs destroy
+/// -r` of a large tree or a listing of 10,000 datasets is slow but not
+/// wedged.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Default for Zfs {
     fn default() -> Self {
@@ -41,7 +51,14 @@ impl Zfs {
         Zfs {
             bin: bin.as_ref().to_path_buf(),
             caps: Arc::new(RwLock::new(Caps::default())),
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// Sets the longest time a `zfs` call may run (`--zfs-timeout`).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Sets the capabilities without probing (tests, a stand-in `zfs`).
@@ -69,9 +86,15 @@ impl Zfs {
     async fn output(&self, args: &[OsString]) -> Result<(String, std::process::Output), ZfsError> {
         let argv = self.show(args);
         tracing::debug!(%argv, "running");
-        match self.command(args).output().await {
-            Ok(out) => Ok((argv, out)),
-            Err(source) => Err(ZfsError::Spawn { argv, source }),
+        // On timeout the future is dropped, and with it the child, which
+        // is spawned with kill_on_drop.
+        match tokio::time::timeout(self.timeout, self.command(args).output()).await {
+            Err(_) => Err(ZfsError::Timeout {
+                argv,
+                after: self.timeout,
+            }),
+            Ok(Ok(out)) => Ok((argv, out)),
+            Ok(Err(source)) => Err(ZfsError::Spawn { argv, source }),
         }
     }
 

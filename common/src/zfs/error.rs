@@ -44,6 +44,12 @@ pub enum ZfsError {
         status: String,
         stderr: String,
     },
+    /// The call ran longer than `--zfs-timeout` and was killed.
+    #[error("`{argv}` did not finish within {after:?} and was killed (a wedged zfs or a suspended pool? raise --zfs-timeout if it was only slow)")]
+    Timeout {
+        argv: String,
+        after: std::time::Duration,
+    },
     #[error("cannot parse `zfs` output line {line:?}: {reason}")]
     Parse { line: String, reason: String },
     #[error("i/o with `{argv}`: {source}")]

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 pub use crate::model::{Dataset, Snapshot, Tree};
 pub use argv::{ListExtras, RecvOption, RecvSpec, SendFrom, SendWhat};
 pub use child::{ChildReader, ChildWriter, ZfsChild};
-pub use cli::Zfs;
+pub use cli::{Zfs, DEFAULT_TIMEOUT};
 pub use error::{ZfsError, BUSY_TRIES};
 pub use parse::{parse_get, parse_resume_info, ResumeInfo};
 

@@ -1,0 +1,62 @@
+//! A `zfs` call that never returns (a wedged zfs, a suspended pool) is
+//! killed after `--zfs-timeout` and reported, instead of holding a dataset
+//! lock forever; shown against a stand-in `zfs` that hangs.
+
+use std::time::{Duration, Instant};
+
+use zfsync_common::naming::{DatasetName, SnapName};
+use zfsync_common::zfs::{Zfs, ZfsBackend, ZfsError};
+
+#[tokio::test]
+async fn a_hanging_zfs_is_killed_after_the_timeout() {
+    let dir = std::env::temp_dir().join(format!("zfsync-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("pid");
+    let script = dir.join("zfs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho $$ > '{}'\nexec sleep 600\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", &script.to_string_lossy()])
+        .status()
+        .unwrap();
+    let zfs = Zfs::new(&script).with_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = zfs
+        .rollback(
+            &DatasetName::new("p/a")
+                .unwrap()
+                .snapshot(&SnapName::new("s").unwrap())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ZfsError::Timeout { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(err.to_string().contains("--zfs-timeout"), "{err}");
+    // The stand-in was killed, not left behind.
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let mut gone = false;
+    for _ in 0..50 {
+        let alive = std::path::Path::new(&format!("/proc/{}", pid.trim())).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                .unwrap_or_default()
+                .contains(") Z ");
+        if !alive {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        gone,
+        "the hanging zfs (pid {}) is still running",
+        pid.trim()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
