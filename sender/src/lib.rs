@@ -7,11 +7,14 @@
 //! [`run()`] (run.rs) is one run from start to report; `worker` holds the
 //! queue and the worker loop; `dataset` syncs one dataset; `stream` pipes
 //! one `zfs send`; [`report`] is what happened (used by [`retention`] and
-//! [`mod@summary`]); [`error`] has the typed failures.
+//! [`mod@summary`]); [`registry`] names the receivers of the tree, whose
+//! unconfirmed snapshots [`retention`] keeps; [`error`] has the typed
+//! failures.
 
 pub mod cli;
 mod dataset;
 pub mod error;
+pub mod registry;
 pub mod report;
 pub mod retention;
 mod run;

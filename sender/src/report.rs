@@ -90,9 +90,19 @@ pub struct Retention {
     /// Kept against the count: newer than the last confirmed snapshot (the
     /// receiver may have it from a run that was cut); pruned once confirmed.
     pub unconfirmed: Vec<String>,
+    /// Kept against the count: of a dataset the receiver was sent and never
+    /// confirmed (or whose confirmed snapshot is gone): a cut first sync
+    /// may have left any snapshot there.
+    pub never_confirmed: Vec<String>,
+    /// Kept against the count: another receiver of the registry may hold it
+    /// unconfirmed (its confirmed base or newer).
+    pub for_others: Vec<String>,
+    /// Those other receivers, by id.
+    pub other_receivers: std::collections::BTreeSet<String>,
     /// Datasets whose confirmation moved in this run.
     pub confirmed: usize,
-    /// Confirmations or pruning that failed: the run exits 1.
+    /// Confirmations, the registry or pruning that failed, and pruning that
+    /// a failed hold blocked: the run exits 1.
     pub errors: Vec<String>,
     /// Holds that could not be placed or released (zfs without holds, or
     /// no permission): the base is then protected by the property alone.
@@ -133,6 +143,23 @@ impl Report {
             exit::OK
         }
     }
+}
+
+/// Lists at most this many names per line of the closing summary.
+const LIST: usize = 10;
+
+/// `a, b, c and 4 more`: names for one line of the summary.
+pub(crate) fn listed(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(LIST)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > LIST {
+        s.push_str(&format!(" and {} more", names.len() - LIST));
+    }
+    s
 }
 
 /// 1536 -> "1.5 KiB".

@@ -1,10 +1,13 @@
 //! Retention on the sender: records which snapshot each dataset's receiver
 //! confirmed (a user property per receiver, and a hold where `zfs` has
 //! holds), then prunes tool snapshots of the run's class beyond `--keep`,
-//! never the confirmed base of the next incremental and never a snapshot a
-//! person made. What to prune is decided by [`zfsync_common::plan::prune`].
+//! never a snapshot any receiver of the tree ([`crate::registry`]) may hold
+//! unconfirmed (its confirmed base and newer; everything of a dataset it
+//! never confirmed), never a held one and never a snapshot a person made.
+//! What to prune is decided by [`zfsync_common::plan::prune`]; a dataset
+//! whose new base could not be held is not pruned in that run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
 use zfsync_common::caps::Cap;
@@ -16,7 +19,7 @@ use zfsync_common::plan::prune;
 use zfsync_common::zfs::{Dataset, ZfsBackend};
 
 pub use crate::report::Retention;
-use crate::report::{Outcome, Status};
+use crate::report::{listed, Outcome, Status};
 
 /// What retention works with: the run's options it needs, no more.
 pub struct Scope<'a> {
@@ -34,6 +37,13 @@ pub struct Scope<'a> {
     pub keep: Option<usize>,
     /// False when the run was stopped: confirmations only.
     pub prune: bool,
+    /// The tree's other receivers (the registry, without this one): what
+    /// they may hold unconfirmed is never pruned.
+    pub others: &'a [String],
+    /// This receiver has been sent this tree (it is in the registry, or
+    /// was reached in this run): a dataset it never confirmed keeps all
+    /// its snapshots. Also true where it confirmed any dataset.
+    pub this_known: bool,
     /// Bookmarks are made this many datasets at a time.
     pub threads: usize,
     pub dry_run: bool,
@@ -122,6 +132,7 @@ pub async fn apply(scope: &Scope<'_>, datasets: &[Dataset], outcomes: &[Outcome]
     let zfs = scope.zfs;
     let prop = format_confirm_prop(scope.receiver_id);
     let tag = format_hold_tag(HoldTag::Sender(scope.receiver_id));
+    let holds = zfs.caps().has(Cap::Holds);
     let mut r = Retention {
         class: scope.snapshot.map(|(c, _)| c),
         keep: scope.keep,
@@ -135,6 +146,8 @@ pub async fn apply(scope: &Scope<'_>, datasets: &[Dataset], outcomes: &[Outcome]
 
     // Our own holds released in this run: no longer a reason to keep.
     let mut unheld: BTreeMap<DatasetName, String> = BTreeMap::new();
+    // Datasets whose new base could not be held: not pruned in this run.
+    let mut hold_failed: BTreeSet<DatasetName> = BTreeSet::new();
     // 1. Confirmations: one `zfs set` per snapshot name (a recursive
     // snapshot gives the whole tree one name), only where it moved.
     if !scope.dry_run {
@@ -151,7 +164,9 @@ pub async fn apply(scope: &Scope<'_>, datasets: &[Dataset], outcomes: &[Outcome]
                 continue;
             }
             if let Some(old) = old {
-                if d.snapshots.iter().any(|s| s.name.as_str() == old) {
+                // Only where it is held (by us, as a rule): a hold that
+                // failed in an earlier run has nothing to release.
+                if d.held.contains(&old) {
                     released.extend(snap(&d.name, &old));
                     unheld.insert(d.name.clone(), old);
                 }
@@ -173,9 +188,12 @@ pub async fn apply(scope: &Scope<'_>, datasets: &[Dataset], outcomes: &[Outcome]
                 }
             }
             let held: Vec<_> = dss.iter().filter_map(|d| snap(d, name)).collect();
-            if let Err(e) = zfs.hold(&tag, &held).await {
-                r.warnings
-                    .push(format!("cannot hold @{name} (tag {tag}): {e}"));
+            if holds {
+                if let Err(e) = zfs.hold(&tag, &held).await {
+                    r.warnings
+                        .push(format!("cannot hold @{name} (tag {tag}): {e}"));
+                    hold_failed.extend(dss.iter().cloned());
+                }
             }
             // A bookmark of the confirmed base (OpenZFS) stays a base for
             // the next incremental even if the snapshot is destroyed; the
@@ -189,7 +207,9 @@ pub async fn apply(scope: &Scope<'_>, datasets: &[Dataset], outcomes: &[Outcome]
                 }
             }
         }
-        if let Err(e) = zfs.release(&tag, &released).await {
+        if !holds {
+            unheld.clear();
+        } else if let Err(e) = zfs.release(&tag, &released).await {
             r.warnings.push(format!(
                 "cannot release the previous holds (tag {tag}): {e}"
             ));
@@ -232,32 +252,71 @@ pub async fn apply(scope: &Scope<'_>, datasets: &[Dataset], outcomes: &[Outcome]
     } else {
         datasets
     };
+    // This receiver may hold snapshots it never confirmed once it has been
+    // sent the tree; so may every other receiver of the registry.
+    let this_known = scope.this_known || !confirmed.is_empty();
+    let others: Vec<(&str, String)> = scope
+        .others
+        .iter()
+        .filter(|id| id.as_str() != scope.receiver_id)
+        .map(|id| (id.as_str(), format_confirm_prop(id)))
+        .collect();
     let mut doomed: BTreeMap<String, Vec<DatasetName>> = BTreeMap::new();
+    let mut blocked: Vec<String> = Vec::new();
     for d in datasets {
         let mut held = d.held.clone();
         if let Some(old) = unheld.get(&d.name) {
             held.remove(old);
         }
+        let mut receivers: Vec<(&str, Option<&str>)> = Vec::new();
+        if this_known {
+            receivers.push((
+                scope.receiver_id,
+                confirmed.get(&d.name).map(String::as_str),
+            ));
+        }
+        for (id, prop) in &others {
+            receivers.push((id, d.props.get(prop).map(String::as_str)));
+        }
         let plan = prune(
             &d.snapshots,
             class,
             keep,
-            confirmed.get(&d.name).map(String::as_str),
+            scope.receiver_id,
+            &receivers,
             &held,
         );
+        let full = |n: &SnapName| format!("{}@{n}", d.name);
         if let Some(h) = plan.held_back {
-            r.held_back.push(format!("{}@{h}", d.name));
+            r.held_back.push(full(&h));
         }
-        r.held
-            .extend(plan.held.iter().map(|h| format!("{}@{h}", d.name)));
-        r.unconfirmed
-            .extend(plan.unconfirmed.iter().map(|h| format!("{}@{h}", d.name)));
+        r.held.extend(plan.held.iter().map(full));
+        r.unconfirmed.extend(plan.unconfirmed.iter().map(full));
+        r.never_confirmed
+            .extend(plan.never_confirmed.iter().map(full));
+        for (n, ids) in &plan.for_others {
+            r.for_others.push(full(n));
+            r.other_receivers.extend(ids.iter().cloned());
+        }
+        // The new base is protected by the property alone: destroy
+        // nothing of this dataset in this run.
+        if hold_failed.contains(&d.name) && !plan.destroy.is_empty() {
+            blocked.push(d.name.to_string());
+            continue;
+        }
         for n in plan.destroy {
             doomed
                 .entry(n.to_string())
                 .or_default()
                 .push(d.name.clone());
         }
+    }
+    if !blocked.is_empty() {
+        r.errors.push(format!(
+            "pruning skipped for {} dataset(s) whose confirmed base could not be held (zfs hold failed, see the warning; the next run prunes them unless its hold fails too): {}",
+            blocked.len(),
+            listed(&blocked)
+        ));
     }
     for (name, dss) in doomed {
         if scope.dry_run {

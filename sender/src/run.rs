@@ -11,6 +11,7 @@ use zfsync_common::naming::{format_tool_snapshot, DatasetName, RelPath, SnapClas
 use zfsync_common::zfs::{Dataset, ZfsBackend, ZfsError};
 
 use crate::error::SendError;
+use crate::registry::Known;
 use crate::report::{
     Delete, Outcome, Report, Status, NOT_ATTEMPTED_NO_CONNECTION, NOT_ATTEMPTED_STOPPED,
 };
@@ -53,11 +54,22 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
     if let (Some((class, stamp)), false) = (&opts.snapshot, opts.dry_run) {
         report.snapshot = Some(take_snapshot(&opts, *class, stamp).await?);
     }
-    let prop = zfsync_common::naming::format_confirm_prop(&opts.receiver_id);
-    let (jobs, mut outcomes) =
-        list_jobs(opts.zfs.as_ref(), &opts.source, &[&prop, "userrefs"]).await?;
+    // Pruning keeps what every receiver of the tree may hold: the registry
+    // names them, so that the one listing can ask for their confirmations.
+    let mut known = Known::read(
+        opts.zfs.as_ref(),
+        &opts.source,
+        &opts.receiver_id,
+        opts.keep.is_some(),
+    )
+    .await?;
+    let mut props = known.listing_props(&opts.receiver_id);
+    props.push("userrefs".into());
+    let props: Vec<&str> = props.iter().map(String::as_str).collect();
+    let (jobs, mut outcomes) = list_jobs(opts.zfs.as_ref(), &opts.source, &props).await?;
     tracing::info!(datasets = jobs.len(), source = %opts.source, "listed the source tree");
     let datasets: Vec<Dataset> = jobs.iter().map(|j| j.dataset.clone()).collect();
+    known.listed(&datasets, &opts.source, &opts.receiver_id);
     let source_paths: Vec<String> = jobs.iter().map(|j| j.rel.as_str().to_string()).collect();
     // Connect the first worker before anything else, so that an unreachable
     // or refusing receiver is one clear error.
@@ -68,11 +80,19 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
                 c.peer_caps(),
                 c.path()
             );
+            known
+                .reached(
+                    opts.zfs.as_ref(),
+                    &opts.source,
+                    &opts.receiver_id,
+                    opts.dry_run,
+                )
+                .await;
             Some(c)
         }
         Some(Err(e)) => {
             // Retention still runs: it keeps the last confirmed base.
-            report.retention = retention::apply(&scope(&opts, true), &datasets, &[]).await;
+            report.retention = retention::apply(&scope(&opts, true, &known), &datasets, &[]).await;
             report.unreachable = Some(e.to_string());
             report.elapsed = started.elapsed();
             return Ok(report);
@@ -139,7 +159,11 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
         .sum();
     // A stop that came during cleanbuffer skips the pruning too.
     let stopped = shutdown.is_cancelled();
-    report.retention = retention::apply(&scope(&opts, !stopped), &datasets, &outcomes).await;
+    report.retention =
+        retention::apply(&scope(&opts, !stopped, &known), &datasets, &outcomes).await;
+    if let Some(e) = known.error.take() {
+        report.retention.errors.insert(0, e);
+    }
     report.outcomes = outcomes;
     report.stopped = stopped;
     report.elapsed = started.elapsed();
@@ -148,7 +172,7 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
 
 /// What retention needs of the options; `prune`: false when the run was
 /// stopped.
-fn scope(opts: &Options, prune: bool) -> Scope<'_> {
+fn scope<'a>(opts: &'a Options, prune: bool, known: &'a Known) -> Scope<'a> {
     Scope {
         zfs: opts.zfs.as_ref(),
         source: &opts.source,
@@ -156,6 +180,8 @@ fn scope(opts: &Options, prune: bool) -> Scope<'_> {
         snapshot: opts.snapshot.as_ref().map(|(c, s)| (*c, s.as_str())),
         keep: opts.keep,
         prune,
+        others: &known.others,
+        this_known: known.this,
         threads: opts.threads,
         dry_run: opts.dry_run,
     }

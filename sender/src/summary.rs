@@ -7,7 +7,7 @@ use std::time::Duration;
 use zfsync_common::client::CleanReport;
 use zfsync_common::naming::DatasetName;
 
-use crate::report::{human_bytes, Delete, Outcome, Report, Retention, SendKind, Status};
+use crate::report::{human_bytes, listed, Delete, Outcome, Report, Retention, SendKind, Status};
 
 /// The whole closing summary of a run, as printed (also re-exported as
 /// `zfsync_send::summary`).
@@ -186,22 +186,6 @@ pub fn result_line(
     s
 }
 
-/// Lists at most this many names per line of the closing summary.
-const LIST: usize = 10;
-
-fn listed(names: &[String]) -> String {
-    let mut s = names
-        .iter()
-        .take(LIST)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > LIST {
-        let _ = write!(s, " and {} more", names.len() - LIST);
-    }
-    s
-}
-
 /// Retention, mirrored retention and orphans, after the dataset lines.
 pub fn render_after(
     r: &Retention,
@@ -252,6 +236,24 @@ pub fn render_after(
             "retention kept {} snapshot(s) newer than the last one the receiver confirmed (it may have them; they go once confirmed): {}",
             r.unconfirmed.len(),
             listed(&r.unconfirmed)
+        );
+    }
+    if !r.never_confirmed.is_empty() {
+        let _ = writeln!(
+            out,
+            "retention kept {} snapshot(s) of dataset(s) the receiver never confirmed, or whose confirmed snapshot is gone (a cut sync may have left any of them there; they go once a run confirms): {}",
+            r.never_confirmed.len(),
+            listed(&r.never_confirmed)
+        );
+    }
+    if !r.for_others.is_empty() {
+        let ids: Vec<&str> = r.other_receivers.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "retention kept {} snapshot(s) another receiver may have unconfirmed ({}: its confirmed base or newer; they go once it confirms newer ones): {}",
+            r.for_others.len(),
+            ids.join(", "),
+            listed(&r.for_others)
         );
     }
     for w in &r.warnings {

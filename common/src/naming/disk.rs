@@ -237,6 +237,45 @@ pub fn parse_replica_mark(value: &str) -> Option<u64> {
     value.parse().ok()
 }
 
+/// The registry of receivers a source tree was sent to (on the sender).
+/// The user property, set on the source dataset only (children inherit it,
+/// and an inherited value is not read).
+pub const RECEIVERS_PROP: &str = "zfsync:receivers";
+
+/// Receivers read from one registry, at most: each adds a property to the
+/// one listing.
+pub const MAX_RECEIVERS: usize = 32;
+
+/// A receiver id as [`format_receiver_id`] makes it:
+/// lower-case letters, digits and `. _ -` (so never `,`), ending in
+/// `_<port>`.
+fn is_receiver_id(id: &str) -> bool {
+    let port = id.rsplit_once('_').map(|(_, p)| p).unwrap_or_default();
+    id.len() <= 200
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && id.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+}
+
+/// The receiver ids of a registry value, in order, each once; entries that
+/// are not receiver ids (a person's edit) are left out, and so is anything
+/// after [`MAX_RECEIVERS`].
+pub fn parse_receivers(value: &str) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for id in value.split(',').map(str::trim) {
+        if is_receiver_id(id) && !ids.iter().any(|i| i == id) && ids.len() < MAX_RECEIVERS {
+            ids.push(id.to_string());
+        }
+    }
+    ids
+}
+
+pub fn format_receivers(ids: &[String]) -> String {
+    ids.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +377,27 @@ mod tests {
             assert_eq!(parse_replica_mark(&format_replica_mark(g)), Some(g));
         }
         assert_eq!(parse_replica_mark("-"), None);
+    }
+
+    #[test]
+    fn registry_values_round_trip() {
+        let ids = vec![
+            format_receiver_id("backup.example.org", 7878),
+            format_receiver_id("::1", 9000),
+            "127.0.0.1_41001".to_string(),
+        ];
+        assert_eq!(parse_receivers(&format_receivers(&ids)), ids);
+        assert_eq!(parse_receivers(""), Vec::<String>::new());
+        assert_eq!(parse_receivers("-"), Vec::<String>::new());
+        // A person's edits: spaces, duplicates, junk.
+        assert_eq!(
+            parse_receivers(" a_1 ,a_1,,B_2,c d_3,e:4,f_5,g_,_6"),
+            ["a_1", "f_5", "_6"]
+        );
+        let many: Vec<String> = (0..40).map(|n| format!("h_{n}")).collect();
+        assert_eq!(
+            parse_receivers(&format_receivers(&many)).len(),
+            MAX_RECEIVERS
+        );
     }
 }

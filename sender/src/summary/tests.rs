@@ -237,3 +237,35 @@ result: STOPPED before the end; 2 dataset(s) not done (see above)
     assert_eq!(s, want);
     assert_eq!(report.exit_code(), crate::exit::FAILED);
 }
+
+/// What retention kept for a receiver that never confirmed, for another
+/// receiver, and a pruning a failed hold blocked (a retention error: exit 1).
+#[test]
+fn retention_lines_say_why_snapshots_were_kept() {
+    let r = Retention {
+        class: Some(zfsync_common::naming::SnapClass::S),
+        keep: Some(1),
+        held: vec!["p/a@x".into()],
+        never_confirmed: vec!["p/a@s1".into(), "p/a@s2".into()],
+        for_others: vec!["p/b@s1".into()],
+        other_receivers: ["b_2".to_string(), "c_3".to_string()].into(),
+        errors: vec!["pruning skipped for 1 dataset(s) whose confirmed base could not be held (zfs hold failed, see the warning; the next run prunes them unless its hold fails too): p/c".into()],
+        warnings: vec!["cannot hold @s2 (tag zfsync_a_1): no".into()],
+        ..Retention::default()
+    };
+    let s = render_after(&r, 0, &CleanReport::default(), false, Delete::NotAsked);
+    let want = "\
+retention (class S, keep 1): pruned 0 snapshot(s)
+retention skipped held snapshots (zfs hold: another receiver's base, or a person's): p/a@x
+retention kept 2 snapshot(s) of dataset(s) the receiver never confirmed, or whose confirmed snapshot is gone (a cut sync may have left any of them there; they go once a run confirms): p/a@s1, p/a@s2
+retention kept 1 snapshot(s) another receiver may have unconfirmed (b_2, c_3: its confirmed base or newer; they go once it confirms newer ones): p/b@s1
+retention warning: cannot hold @s2 (tag zfsync_a_1): no
+retention error: pruning skipped for 1 dataset(s) whose confirmed base could not be held (zfs hold failed, see the warning; the next run prunes them unless its hold fails too): p/c
+";
+    assert_eq!(s, want);
+    let report = Report {
+        retention: r,
+        ..Report::default()
+    };
+    assert_eq!(report.exit_code(), crate::exit::FAILED);
+}
