@@ -15,7 +15,7 @@ use zfsync_common::protocol::DEFAULT_PORT;
 use zfsync_common::tls::{server_config, TlsFiles};
 use zfsync_common::zfs::{RecvOption, Zfs};
 
-use crate::Options;
+use crate::{Limits, Options};
 
 /// Receives ZFS dataset trees from zfsync-send over mutually authenticated
 /// TLS and keeps them under TARGET_DATASET.
@@ -69,6 +69,11 @@ pub struct Args {
     /// Most connections at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_connections: usize,
+    /// MiB of memory all connections' requests may hold at once (snapshot
+    /// lists, and large messages while they are read); a request beyond it
+    /// is refused as busy.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub memory_budget: usize,
     /// Seconds a SIGTERM/SIGINT waits for open connections to end.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub grace: u64,
@@ -148,7 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     };
-    crate::run(
+    crate::run_with(
         listener,
         Options {
             target,
@@ -161,6 +166,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
             max_connections: args.max_connections.max(1),
             grace: Duration::from_secs(args.grace),
+        },
+        Limits {
+            memory_budget: args.memory_budget.max(1).saturating_mul(1 << 20),
         },
         shutdown,
     )

@@ -7,12 +7,16 @@
 //! plan), `ingest` (a stream into `zfs receive`), `finish` (holds,
 //! replica marks, mirrored retention), `replace` (the `--full` swap) and
 //! `buffer` (cleanbuffer and orphans). [`state::Target`] is what they
-//! share: the listing cache and the per-dataset locks.
+//! share: the listing cache, the per-dataset locks and the memory budget.
+//! Before a connection is a session, `accept` keeps its TLS handshake from
+//! being crowded out by strangers.
 
+mod accept;
 mod buffer;
 pub mod cli;
 mod finish;
 mod ingest;
+mod meter;
 mod open;
 mod replace;
 pub mod session;
@@ -37,8 +41,10 @@ use zfsync_common::protocol::{Connection, Message};
 use zfsync_common::tls::cert_names;
 use zfsync_common::zfs::{Backend, RecvOption, ZfsBackend, ZfsError};
 
+use crate::accept::Handshakes;
+use crate::meter::Metered;
 use crate::session::Session;
-use crate::state::Target;
+use crate::state::{Target, DEFAULT_MEMORY_BUDGET};
 
 /// Shared state of all connections.
 struct Shared {
@@ -66,6 +72,21 @@ pub struct Options {
     pub max_connections: usize,
     /// How long a shutdown waits for connections to end.
     pub grace: Duration,
+}
+
+/// Limits beyond [`Options`] (which the in-process tests build whole).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Bytes all connections' requests may hold at once (`--memory-budget`).
+    pub memory_budget: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -115,6 +136,16 @@ pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    run_with(listener, opts, Limits::default(), shutdown).await
+}
+
+/// [`run`] with other [`Limits`].
+pub async fn run_with(
+    listener: TcpListener,
+    opts: Options,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let zfs = opts.zfs.clone();
     let caps = zfs.probe().await?;
     tracing::info!("zfs capabilities: {caps}");
@@ -140,18 +171,26 @@ pub async fn run(
     }
     let shared = Arc::new(Shared {
         target: Target::new(opts.target.clone(), zfs, opts.mirror_retention)
-            .with_recv_options(opts.recv_options.clone()),
+            .with_recv_options(opts.recv_options.clone())
+            .with_memory_budget(limits.memory_budget),
         allow_clients: opts.allow_clients.clone(),
     });
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     // Sessions are limited after authentication, so that unauthenticated
     // peers cannot take the senders' places; handshakes have their own
-    // (larger) limit and a timeout.
+    // places, where a newcomer closes the oldest socket of the source that
+    // holds the most (see `accept`), and a timeout.
     let sessions = Arc::new(Semaphore::new(opts.max_connections));
-    let handshakes = Arc::new(Semaphore::new(opts.max_connections * 2));
+    let handshakes = Handshakes::new(opts.max_connections * 2, opts.handshake_timeout);
     tokio::pin!(shutdown);
     loop {
+        // While every handshake place is young, new connections wait in
+        // the kernel's queue (half a second at most).
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = handshakes.room() => {}
+        }
         let (tcp, addr) = tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
@@ -164,29 +203,20 @@ pub async fn run(
                 }
             },
         };
-        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %addr, "refusing a connection: too many TLS handshakes under way");
+        zfsync_common::protocol::keepalive(&tcp);
+        let Some(pending) = handshakes.admit(tcp, addr) else {
             continue;
         };
         let sessions = sessions.clone();
         let max = opts.max_connections;
-        zfsync_common::protocol::keepalive(&tcp);
         let acceptor = TlsAcceptor::from(opts.tls.borrow().clone());
         let shared = shared.clone();
         let cancel = cancel.child_token();
         let handshake_timeout = opts.handshake_timeout;
         let idle = opts.idle_timeout;
         tracker.spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Err(_) => {
-                    tracing::warn!(peer = %addr, "TLS handshake timed out");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(peer = %addr, "TLS handshake failed: {e}");
-                    return;
-                }
-                Ok(Ok(s)) => s,
+            let Some(tls) = pending.handshake(acceptor, handshake_timeout).await else {
+                return;
             };
             let names = tls
                 .get_ref()
@@ -196,7 +226,8 @@ pub async fn run(
                 .map(cert_names)
                 .unwrap_or_default();
             let who = format!("{addr} ({})", names.first().map(String::as_str).unwrap_or("?"));
-            let mut conn = Connection::new(tls, idle, idle);
+            let budget = shared.target.budget.clone();
+            let mut conn = Connection::new(Metered::new(tls, budget), idle, idle);
             if !shared.allow_clients.is_empty()
                 && !names.iter().any(|n| shared.allow_clients.contains(n))
             {
@@ -208,7 +239,6 @@ pub async fn run(
                     .await;
                 return;
             }
-            drop(handshake);
             let Ok(_session) = sessions.try_acquire_owned() else {
                 tracing::warn!(peer = %who, "refusing: {max} connections already open");
                 let _ = conn

@@ -1,13 +1,16 @@
 //! The receiver's view of its target: a cache of the target and buffer
 //! trees (listed once per sender run, refreshed per dataset after each
-//! change) and the per-dataset locks that keep two connections from
-//! receiving into the same dataset.
+//! change), the per-dataset locks that keep two connections from
+//! receiving into the same dataset, and the memory budget all connections
+//! share.
 //!
 //! Invariants: the cache's mutex is never held across an `.await`; a
-//! relative path is busy exactly while its [`DatasetLock`] lives.
+//! relative path is busy exactly while its [`DatasetLock`] lives; the
+//! budget's bytes in use are the sum of the live [`Reservation`]s.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use zfsync_common::naming::{
     buffer_root, format_buffer_leaf, format_temp_leaf, parse_buffer_leaf, parse_replica_mark,
@@ -40,9 +43,151 @@ pub struct Target {
     /// lock frees its path when dropped; a std mutex, never held across
     /// `.await`.
     busy: Arc<Mutex<HashSet<RelPath>>>,
-    /// The run whose listing the cache holds. An async mutex so that the
+    /// Which runs the cache was listed for. An async mutex so that the
     /// workers of a new run wait for one listing instead of each making one.
-    listed_run: tokio::sync::Mutex<Option<String>>,
+    listings: tokio::sync::Mutex<Listings>,
+    /// Memory for what requests hold, shared by all connections.
+    pub budget: Arc<MemoryBudget>,
+}
+
+/// The receiver's default memory budget (`--memory-budget`).
+pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
+
+/// Memory that requests may hold at once, across all connections: what a
+/// large frame may take while it is read and decoded, and the snapshot
+/// lists each session keeps. A request that would exceed it is refused
+/// (as busy) before its memory is allocated.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    total: usize,
+    /// Bytes held by live reservations. A std mutex: held only to add or
+    /// subtract, never across an `.await`.
+    used: Mutex<usize>,
+}
+
+impl MemoryBudget {
+    pub fn new(total: usize) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            total,
+            used: Mutex::new(0),
+        })
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn used(&self) -> usize {
+        *lock(&self.used)
+    }
+
+    /// `bytes` for the caller, if that much is free.
+    pub fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+        let mut r = Reservation {
+            budget: self.clone(),
+            bytes: 0,
+        };
+        r.try_resize(bytes).then_some(r)
+    }
+}
+
+/// Bytes of a [`MemoryBudget`] in use by one holder; given back on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<MemoryBudget>,
+    bytes: usize,
+}
+
+impl Reservation {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Moves `bytes` (at most all it has) into a reservation of their own.
+    pub fn split_off(&mut self, bytes: usize) -> Reservation {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Reservation {
+            budget: self.budget.clone(),
+            bytes,
+        }
+    }
+
+    /// Takes over what `other` holds (of the same budget).
+    pub fn merge(&mut self, mut other: Reservation) {
+        debug_assert!(Arc::ptr_eq(&self.budget, &other.budget));
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    /// Grows (if the budget has room) or shrinks (always) to `bytes`.
+    pub fn try_resize(&mut self, bytes: usize) -> bool {
+        let mut used = lock(&self.budget.used);
+        let others = *used - self.bytes;
+        if bytes > self.bytes && others.saturating_add(bytes) > self.budget.total {
+            return false;
+        }
+        *used = others + bytes;
+        self.bytes = bytes;
+        true
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.try_resize(0);
+    }
+}
+
+/// How many new runs may have the target listed again per minute. A run's
+/// first connection lists the target (after its certificate was checked);
+/// beyond this rate a new run works from the cache, which the receiver
+/// keeps up to date with its own changes.
+const RELISTS_PER_MINUTE: usize = 12;
+/// How many run ids are remembered as listed.
+const RUNS_REMEMBERED: usize = 64;
+
+/// Which runs had the target listed: each run id at most once, and new
+/// runs at most [`RELISTS_PER_MINUTE`].
+#[derive(Debug, Default)]
+pub struct Listings {
+    /// Run ids already served by a listing, newest last.
+    runs: VecDeque<String>,
+    /// When the listings of the last minute were made.
+    recent: VecDeque<Instant>,
+    /// The cache holds a listing at all.
+    listed: bool,
+}
+
+impl Listings {
+    /// Does a connection of `run_id` need the target listed (at `now`)?
+    /// Records the run either way: it never asks again.
+    pub fn wants_listing(&mut self, run_id: &str, now: Instant) -> bool {
+        if self.runs.iter().any(|r| r == run_id) {
+            return false;
+        }
+        if self.runs.len() == RUNS_REMEMBERED {
+            self.runs.pop_front();
+        }
+        self.runs.push_back(run_id.to_string());
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            self.recent.pop_front();
+        }
+        if self.listed && self.recent.len() >= RELISTS_PER_MINUTE {
+            return false;
+        }
+        self.recent.push_back(now);
+        true
+    }
+
+    /// A listing failed: the run asks again on its next connection.
+    fn failed(&mut self, run_id: &str) {
+        self.runs.retain(|r| r != run_id);
+        self.recent.pop_back();
+    }
 }
 
 /// Did zfsync create this dataset? Its mark is its own GUID, so a dataset
@@ -84,8 +229,15 @@ impl Target {
             recv_options: Vec::new(),
             cache: Mutex::new(BTreeMap::new()),
             busy: Arc::new(Mutex::new(HashSet::new())),
-            listed_run: tokio::sync::Mutex::new(None),
+            listings: tokio::sync::Mutex::new(Listings::default()),
+            budget: MemoryBudget::new(DEFAULT_MEMORY_BUDGET),
         }
+    }
+
+    /// With a memory budget of `bytes` (`--memory-budget`).
+    pub fn with_memory_budget(mut self, bytes: usize) -> Self {
+        self.budget = MemoryBudget::new(bytes);
+        self
     }
 
     pub fn with_recv_options(mut self, options: Vec<RecvOption>) -> Self {
@@ -103,14 +255,18 @@ impl Target {
     }
 
     /// Lists the target and buffer trees in one `zfs` call, unless this run
-    /// already did.
+    /// already did, or too many new runs did in the last minute (see
+    /// [`Listings`]).
     pub async fn refresh_for_run(&self, run_id: &str) -> Result<(), ZfsError> {
-        let mut listed = self.listed_run.lock().await;
-        if listed.as_deref() == Some(run_id) {
+        let mut listings = self.listings.lock().await;
+        if !listings.wants_listing(run_id, Instant::now()) {
             return Ok(());
         }
-        self.relist().await?;
-        *listed = Some(run_id.to_string());
+        if let Err(e) = self.relist().await {
+            listings.failed(run_id);
+            return Err(e);
+        }
+        listings.listed = true;
         Ok(())
     }
 
@@ -367,6 +523,59 @@ mod tests {
         assert!(t.try_lock(&r).is_none());
         drop(l);
         assert!(t.try_lock(&r).is_some());
+    }
+
+    #[test]
+    fn a_run_is_listed_once_and_new_runs_at_a_bounded_rate() {
+        let mut l = Listings::default();
+        let t0 = Instant::now();
+        assert!(l.wants_listing("a", t0));
+        l.listed = true;
+        assert!(!l.wants_listing("a", t0), "the same run twice");
+        // Runs taking turns do not list again.
+        assert!(l.wants_listing("b", t0));
+        assert!(!l.wants_listing("a", t0) && !l.wants_listing("b", t0));
+        // New run ids beyond the rate work from the cache, and stay there.
+        for i in 2..RELISTS_PER_MINUTE {
+            assert!(l.wants_listing(&format!("r{i}"), t0));
+        }
+        assert!(!l.wants_listing("late", t0));
+        assert!(!l.wants_listing("late", t0 + Duration::from_secs(61)));
+        // A minute later new runs are listed again.
+        assert!(l.wants_listing("next", t0 + Duration::from_secs(61)));
+        // A failed listing is tried again by the run's next connection.
+        l.failed("next");
+        assert!(l.wants_listing("next", t0 + Duration::from_secs(62)));
+    }
+
+    #[test]
+    fn the_first_listing_is_never_rate_limited() {
+        let mut l = Listings::default();
+        let t0 = Instant::now();
+        for i in 0..RELISTS_PER_MINUTE {
+            assert!(l.wants_listing(&format!("r{i}"), t0));
+            l.failed(&format!("r{i}"));
+        }
+        assert!(l.wants_listing("r0", t0), "nothing was listed yet");
+    }
+
+    #[test]
+    fn reservations_share_the_budget_and_give_it_back() {
+        let b = MemoryBudget::new(100);
+        let mut a = b.try_reserve(60).unwrap();
+        assert!(b.try_reserve(41).is_none());
+        let c = b.try_reserve(40).unwrap();
+        assert_eq!(b.used(), 100);
+        assert!(!a.try_resize(61), "grows only into free room");
+        assert!(a.try_resize(10) && b.used() == 50);
+        drop(c);
+        assert!(a.try_resize(100));
+        let mut part = a.split_off(30);
+        assert_eq!((a.bytes(), part.bytes(), b.used()), (70, 30, 100));
+        part.merge(a);
+        assert_eq!((part.bytes(), b.used()), (100, 100));
+        drop(part);
+        assert_eq!(b.used(), 0);
     }
 
     #[test]

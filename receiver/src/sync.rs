@@ -4,6 +4,10 @@
 //! Invariants:
 //! - every name from the peer (path, snapshot and bookmark names) is
 //!   validated, and a reserved path refused, before anything touches `zfs`;
+//! - the request's lists are validated into the typed lists once, and only
+//!   those are kept (moved into the [`Open`]), counted in bytes against the
+//!   connection's limit and charged to the receiver's memory budget; a
+//!   request over the budget is a temporary refusal;
 //! - a real request locks its path before looking at it; a busy path is a
 //!   temporary refusal; a dry run locks, creates and destroys nothing;
 //! - a cut transfer's state is offered for resuming when both ends can, and
@@ -22,13 +26,41 @@ use zfsync_common::zfs::{Snapshot, ZfsError};
 use crate::buffer::{self, BufferError};
 use crate::open::{Mode, Open};
 use crate::replace::{self, ReplaceError};
-use crate::state::{DatasetLock, Location, Target};
+use crate::state::{DatasetLock, Location, Reservation, Target};
 
-/// Why a sync request is refused. Only [`SyncError::Busy`] is temporary.
+/// Most snapshots one sync request may list (and, apart, most bookmarks).
+pub(crate) const MAX_SNAPSHOTS: usize = 100_000;
+/// Most bytes of snapshot and bookmark lists one connection may keep.
+/// Within [`MAX_SNAPSHOTS`] and the frame limit a request needs at most
+/// about 28 MiB: a backstop.
+pub(crate) const MAX_KEPT_BYTES: usize = 32 << 20;
+
+/// Why a sync request is refused. Only [`SyncError::Busy`] and
+/// [`SyncError::NoMemory`] are temporary.
 #[derive(Debug, Error)]
 pub(crate) enum SyncError {
     #[error("invalid dataset path: {0}")]
     InvalidPath(NameError),
+    #[error("{rel} has {count} {what}; the receiver takes at most {max} per dataset in one request (prune the source's snapshots, for example with --keep)")]
+    TooMany {
+        rel: RelPath,
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error("{rel}: the snapshot lists take {bytes} bytes; the receiver keeps at most {max} bytes per connection")]
+    TooLarge {
+        rel: RelPath,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("{rel}: the receiver's memory budget is in use by other requests ({used} of {total} bytes, {bytes} more needed); try again later")]
+    NoMemory {
+        rel: RelPath,
+        bytes: usize,
+        used: usize,
+        total: usize,
+    },
     #[error("{rel} is reserved for the receiver's buffer ({buffer}); rename the source dataset")]
     Reserved { rel: RelPath, buffer: DatasetName },
     #[error("{rel} cannot be placed under the target: {source}")]
@@ -62,9 +94,10 @@ pub(crate) enum SyncError {
 }
 
 impl SyncError {
-    /// Worth asking again later (another connection holds the dataset).
+    /// Worth asking again later (another connection holds the dataset,
+    /// or other requests hold the memory budget).
     pub(crate) fn is_temporary(&self) -> bool {
-        matches!(self, SyncError::Busy(_))
+        matches!(self, SyncError::Busy(_) | SyncError::NoMemory { .. })
     }
 }
 
@@ -82,19 +115,75 @@ pub(crate) struct Synced {
     pub(crate) open: Option<Open>,
 }
 
-/// A sync request whose names were all checked.
+/// A sync request whose names were all checked: the only copy of its
+/// lists the receiver keeps.
 #[derive(Debug)]
-struct Valid {
-    rel: RelPath,
+pub(crate) struct Valid {
+    pub(crate) rel: RelPath,
     in_place: DatasetName,
     /// Oldest first (by the sender's createtxg).
-    snapshots: Vec<Snapshot>,
+    pub(crate) snapshots: Vec<Snapshot>,
     /// Oldest first.
-    bookmarks: Vec<Snapshot>,
+    pub(crate) bookmarks: Vec<Snapshot>,
+    /// The sender runs with --full.
+    pub(crate) allow_full: bool,
+    /// Only say what would be done.
+    pub(crate) dry_run: bool,
 }
 
-/// Checks every name in the request; nothing here touches `zfs`.
-fn validate(target: &Target, peer: &str, req: &SyncRequest) -> Result<Valid, SyncError> {
+/// Heap bytes of a snapshot list: the list and each name (with the
+/// allocator's overhead of a small allocation).
+pub(crate) fn list_bytes(list: &[Snapshot]) -> usize {
+    std::mem::size_of_val(list)
+        + list
+            .iter()
+            .map(|s| s.name.as_str().len() + 16)
+            .sum::<usize>()
+}
+
+impl Valid {
+    /// What keeping this request's lists costs, in bytes.
+    pub(crate) fn bytes(&self) -> usize {
+        list_bytes(&self.snapshots) + list_bytes(&self.bookmarks)
+    }
+
+    /// The request again from what an open dataset kept (after a resume
+    /// offer the sender could not use): its lists are moved, not copied.
+    pub(crate) fn reopen(
+        target: &Target,
+        open: &mut Open,
+        allow_full: bool,
+    ) -> Result<Valid, SyncError> {
+        let rel = open.rel.clone();
+        let in_place = match target.in_place_name(&rel) {
+            Ok(n) => n,
+            Err(source) => return Err(SyncError::Unplaceable { rel, source }),
+        };
+        Ok(Valid {
+            rel,
+            in_place,
+            snapshots: std::mem::take(&mut open.announced),
+            bookmarks: std::mem::take(&mut open.bookmarks),
+            allow_full,
+            dry_run: false,
+        })
+    }
+}
+
+/// Converts a peer's list into validated snapshots, oldest first; each
+/// name is checked and the peer's copy dropped as it goes.
+fn validate_list(list: Vec<zfsync_common::protocol::WireSnap>) -> Result<Vec<Snapshot>, NameError> {
+    let mut out = Vec::with_capacity(list.len());
+    for s in list {
+        out.push(s.validate()?);
+    }
+    out.sort_by_key(|s| s.createtxg);
+    Ok(out)
+}
+
+/// Checks the request's size and every name in it, and turns it into the
+/// typed lists; nothing here touches `zfs`.
+pub(crate) fn validate(target: &Target, peer: &str, req: SyncRequest) -> Result<Valid, SyncError> {
     let rel = match RelPath::new(&req.path) {
         Ok(r) => r,
         Err(e) => {
@@ -112,30 +201,75 @@ fn validate(target: &Target, peer: &str, req: &SyncRequest) -> Result<Valid, Syn
         Ok(n) => n,
         Err(source) => return Err(SyncError::Unplaceable { rel, source }),
     };
-    let mut snapshots = Vec::with_capacity(req.snapshots.len());
-    for s in &req.snapshots {
-        match s.validate() {
-            Ok(s) => snapshots.push(s),
-            Err(source) => return Err(SyncError::InvalidSnapshot { rel, source }),
+    for (what, count) in [
+        ("snapshots", req.snapshots.len()),
+        ("bookmarks", req.bookmarks.len()),
+    ] {
+        if count > MAX_SNAPSHOTS {
+            tracing::warn!(peer = %peer, %rel, count, "refused: too many {what}");
+            return Err(SyncError::TooMany {
+                rel,
+                what,
+                count,
+                max: MAX_SNAPSHOTS,
+            });
         }
     }
-    snapshots.sort_by_key(|s| s.createtxg);
-    let mut bookmarks = Vec::with_capacity(req.bookmarks.len());
-    for b in &req.bookmarks {
-        match b.validate() {
-            Ok(b) => bookmarks.push(b),
-            Err(source) => return Err(SyncError::InvalidBookmark { rel, source }),
-        }
-    }
-    bookmarks.sort_by_key(|s| s.createtxg);
+    let SyncRequest {
+        snapshots,
+        bookmarks,
+        allow_full,
+        dry_run,
+        ..
+    } = req;
+    let snapshots = match validate_list(snapshots) {
+        Ok(s) => s,
+        Err(source) => return Err(SyncError::InvalidSnapshot { rel, source }),
+    };
+    let bookmarks = match validate_list(bookmarks) {
+        Ok(b) => b,
+        Err(source) => return Err(SyncError::InvalidBookmark { rel, source }),
+    };
     if snapshots.is_empty() {
         return Err(SyncError::NoSnapshots(rel));
     }
-    Ok(Valid {
+    let valid = Valid {
         rel,
         in_place,
         snapshots,
         bookmarks,
+        allow_full,
+        dry_run,
+    };
+    let bytes = valid.bytes();
+    if bytes > MAX_KEPT_BYTES {
+        return Err(SyncError::TooLarge {
+            rel: valid.rel,
+            bytes,
+            max: MAX_KEPT_BYTES,
+        });
+    }
+    Ok(valid)
+}
+
+/// Charges the request's lists to the memory budget: `admitted` (what
+/// reading its frame was granted, if it was large) shrinks to them, or a
+/// new reservation is taken. Refused (temporary) when the budget is full.
+pub(crate) fn charge(
+    target: &Target,
+    valid: &Valid,
+    admitted: Option<Reservation>,
+) -> Result<Reservation, SyncError> {
+    let bytes = valid.bytes();
+    let charged = match admitted {
+        Some(mut r) => r.try_resize(bytes).then_some(r),
+        None => target.budget.try_reserve(bytes),
+    };
+    charged.ok_or_else(|| SyncError::NoMemory {
+        rel: valid.rel.clone(),
+        bytes,
+        used: target.budget.used(),
+        total: target.budget.total(),
     })
 }
 
@@ -160,17 +294,18 @@ fn answer(decision: &Decision, rel: &RelPath) -> Result<SyncReply, SyncError> {
     })
 }
 
-/// Answers a sync request. `discard_resume`: the sender could not use
-/// the resume offer, so a partial state is thrown away (`receive -A`).
+/// Answers a validated sync request; an opened dataset takes its lists.
+/// `discard_resume`: the sender could not use the resume offer, so a
+/// partial state is thrown away (`receive -A`).
 pub(crate) async fn sync(
     target: &Target,
     peer: &str,
     peer_caps: &Caps,
-    req: &SyncRequest,
+    valid: Valid,
     discard_resume: bool,
 ) -> Result<Synced, SyncError> {
-    let valid = validate(target, peer, req)?;
-    let (rel, dry_run) = (&valid.rel, req.dry_run);
+    let rel = &valid.rel.clone();
+    let dry_run = valid.dry_run;
     // A dry run takes no lock: it must not make a real run see "busy".
     let lock = if dry_run {
         None
@@ -188,9 +323,10 @@ pub(crate) async fn sync(
             let can = peer_caps.has(Cap::SendResume) && target.zfs.caps().can_receive_resumable();
             if can && !discard_resume {
                 let buffered = matches!(location, Location::Buffered(_));
+                let dest = d.name.clone();
                 let open = lock.map(|lock| {
-                    tracing::info!(peer = %peer, %rel, dest = %d.name, "offering to resume a cut transfer");
-                    let mut open = opener(&valid, lock, d.name.clone(), buffered, Mode::Direct);
+                    tracing::info!(peer = %peer, %rel, %dest, "offering to resume a cut transfer");
+                    let mut open = opener(valid, lock, dest, buffered, Mode::Direct);
                     open.resume_offered = true;
                     open
                 });
@@ -235,7 +371,7 @@ pub(crate) async fn sync(
         ),
     };
     let decision =
-        negotiate_with_bookmarks(&valid.snapshots, &valid.bookmarks, &state, req.allow_full);
+        negotiate_with_bookmarks(&valid.snapshots, &valid.bookmarks, &state, valid.allow_full);
     tracing::debug!(peer = %peer, %rel, ?decision, dry_run, "negotiated");
     let reply = answer(&decision, rel)?;
     if dry_run {
@@ -245,7 +381,7 @@ pub(crate) async fn sync(
     let Some(lock) = lock else {
         return Err(SyncError::Internal("no lock"));
     };
-    let open = open_for(target, peer, &valid, lock, decision, current, buffered).await?;
+    let open = open_for(target, peer, valid, lock, decision, current, buffered).await?;
     Ok(Synced { reply, open })
 }
 
@@ -256,13 +392,14 @@ pub(crate) async fn sync(
 async fn open_for(
     target: &Target,
     peer: &str,
-    valid: &Valid,
+    valid: Valid,
     lock: DatasetLock,
     decision: Decision,
     current: Option<DatasetName>,
     buffered: bool,
 ) -> Result<Option<Open>, SyncError> {
-    let rel = &valid.rel;
+    let rel = &valid.rel.clone();
+    let in_place = valid.in_place.clone();
     let open = |dest, buffered, mode| Some(opener(valid, lock, dest, buffered, mode));
     let open = match decision {
         Decision::NoSnapshots | Decision::UpToDate { .. } => None,
@@ -290,7 +427,7 @@ async fn open_for(
                 buffer::ensure(target).await?;
                 name
             } else {
-                valid.in_place.clone()
+                in_place
             };
             open(dest, buffered, Mode::Direct)
         }
@@ -314,15 +451,16 @@ async fn open_for(
     Ok(open)
 }
 
-fn opener(valid: &Valid, lock: DatasetLock, dest: DatasetName, buffered: bool, mode: Mode) -> Open {
+/// The open dataset takes the request's lists (no copy).
+fn opener(valid: Valid, lock: DatasetLock, dest: DatasetName, buffered: bool, mode: Mode) -> Open {
     Open {
-        rel: valid.rel.clone(),
+        rel: valid.rel,
         _lock: lock,
         dest,
         buffered,
         mode,
-        announced: valid.snapshots.clone(),
-        bookmarks: valid.bookmarks.clone(),
+        announced: valid.snapshots,
+        bookmarks: valid.bookmarks,
         resume_offered: false,
     }
 }

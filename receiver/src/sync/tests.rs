@@ -47,7 +47,8 @@ fn target() -> Target {
 }
 
 async fn sync_req(t: &Target, req: &SyncRequest) -> Result<Synced, SyncError> {
-    sync(t, "test", &Caps::default(), req, false).await
+    let valid = validate(t, "test", req.clone())?;
+    sync(t, "test", &Caps::default(), valid, false).await
 }
 
 fn rel(s: &str) -> RelPath {
@@ -58,7 +59,7 @@ fn rel(s: &str) -> RelPath {
 fn names_are_validated_before_anything_else() {
     let t = target();
     let check = |req: SyncRequest| {
-        validate(&t, "test", &req)
+        validate(&t, "test", req)
             .map(|_| ())
             .unwrap_err()
             .to_string()
@@ -79,7 +80,7 @@ fn names_are_validated_before_anything_else() {
 #[test]
 fn the_buffer_path_is_reserved_under_a_pool_root() {
     let t = Target::new(ds("p"), Arc::new(Zfs::default()), true);
-    let e = validate(&t, "test", &request("/zfsyncbuffer/x")).unwrap_err();
+    let e = validate(&t, "test", request("/zfsyncbuffer/x")).unwrap_err();
     assert_eq!(
         e.to_string(),
         "/zfsyncbuffer/x is reserved for the receiver's buffer (p/zfsyncbuffer); rename the source dataset"
@@ -91,7 +92,7 @@ fn snapshots_are_ordered_by_the_senders_createtxg() {
     let t = target();
     let mut req = request("/a");
     req.snapshots.reverse();
-    let v = validate(&t, "test", &req).unwrap();
+    let v = validate(&t, "test", req).unwrap();
     let guids: Vec<u64> = v.snapshots.iter().map(|s| s.guid).collect();
     assert_eq!(guids, [11, 12]);
     assert_eq!(v.in_place, ds("p/t/a"));
@@ -201,4 +202,76 @@ async fn a_dry_run_does_not_discard_a_cut_transfer() {
         "p/t/a holds a cut transfer that this sender cannot resume; a real run discards it (zfs receive -A) and sends again"
     );
     assert!(!e.is_temporary());
+}
+
+fn many(n: usize) -> Vec<WireSnap> {
+    (0..n as u64)
+        .map(|i| wire(&format!("s{i}"), i + 1, i + 1))
+        .collect()
+}
+
+#[test]
+fn a_request_over_the_snapshot_limit_is_refused_naming_it() {
+    let t = target();
+    let mut req = request("/a");
+    req.snapshots = many(MAX_SNAPSHOTS + 1);
+    let e = validate(&t, "test", req).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "/a has 100001 snapshots; the receiver takes at most 100000 per dataset in one request (prune the source's snapshots, for example with --keep)"
+    );
+    assert!(!e.is_temporary());
+    let mut req = request("/a");
+    req.bookmarks = many(MAX_SNAPSHOTS + 1);
+    assert!(validate(&t, "test", req)
+        .unwrap_err()
+        .to_string()
+        .starts_with("/a has 100001 bookmarks; "));
+    let mut req = request("/a");
+    req.snapshots = many(MAX_SNAPSHOTS);
+    assert_eq!(
+        validate(&t, "test", req).unwrap().snapshots.len(),
+        MAX_SNAPSHOTS
+    );
+}
+
+#[tokio::test]
+async fn the_lists_are_charged_and_a_full_budget_is_a_temporary_refusal() {
+    let t = target().with_memory_budget(1 << 20);
+    let mut req = request("/a");
+    req.snapshots = many(1000);
+    let valid = validate(&t, "test", req).unwrap();
+    let bytes = valid.bytes();
+    assert_eq!(
+        bytes,
+        1000 * std::mem::size_of::<Snapshot>()
+            + valid
+                .snapshots
+                .iter()
+                .map(|s| s.name.as_str().len() + 16)
+                .sum::<usize>()
+    );
+    // What reading a large frame was granted shrinks to the lists.
+    let admitted = t.budget.try_reserve(900_000).unwrap();
+    let charged = charge(&t, &valid, Some(admitted)).unwrap();
+    assert_eq!((charged.bytes(), t.budget.used()), (bytes, bytes));
+    // The lists stay charged while the dataset is open.
+    let synced = sync(&t, "test", &Caps::default(), valid, false)
+        .await
+        .unwrap();
+    assert_eq!(synced.open.unwrap().announced.len(), 1000);
+    // No room: busy, and nothing charged.
+    let hog = t.budget.try_reserve((1 << 20) - bytes - 10).unwrap();
+    let mut req = request("/b");
+    req.snapshots = many(1000);
+    let valid = validate(&t, "test", req).unwrap();
+    let e = charge(&t, &valid, None).unwrap_err();
+    assert!(e.is_temporary());
+    assert!(
+        e.to_string()
+            .starts_with("/b: the receiver's memory budget is in use by other requests ("),
+        "{e}"
+    );
+    drop((hog, charged));
+    assert_eq!(t.budget.used(), 0);
 }
