@@ -15,6 +15,10 @@ use tokio::task::JoinHandle;
 
 use super::error::ZfsError;
 
+/// How long an aborted child may take to see its closed pipes and exit
+/// before it is killed.
+pub const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// At most this much of a child's stderr is kept for the error message.
 const STDERR_LIMIT: usize = 64 * 1024;
 
@@ -141,15 +145,19 @@ impl ZfsChild {
         result
     }
 
-    /// Kills the child and reaps it: used when a stream must not be
-    /// committed (cut connection, error trailer, shutdown). Idempotent; a
-    /// no-op once it ended.
+    /// Ends the child and reaps it: used when a stream must not be
+    /// committed (cut connection, error trailer, shutdown). Its pipes are
+    /// closed first, so that `zfs` sees the end of its stream (EPIPE or
+    /// EOF) and cleans up after itself; what has not exited after
+    /// [`ABORT_GRACE`] is killed. Idempotent; a no-op once it ended.
     pub async fn abort(&mut self) {
         self.stdin = None;
         self.stdout = None;
         match std::mem::replace(&mut self.inner, Inner::Ended(Some("aborted".into()))) {
             Inner::Process { mut child, stderr } => {
-                let _ = child.kill().await;
+                if tokio::time::timeout(ABORT_GRACE, child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
                 stderr.abort();
             }
             Inner::Task(task) => {

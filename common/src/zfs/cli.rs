@@ -150,6 +150,21 @@ impl Zfs {
             cmd.stdin(Stdio::piped()).stdout(Stdio::null());
         } else {
             cmd.stdout(Stdio::piped());
+            // A reader that goes away (a cut stream, an abort) must end
+            // `zfs send` with EPIPE, which it cleans up after; the default
+            // SIGPIPE would kill it first, and zfs-fuse then leaves its
+            // temporary `.send-PID-*` holds on the snapshots for good.
+            //
+            // SAFETY: between fork and exec only async-signal-safe calls
+            // are allowed; sigaction(2) is one.
+            unsafe {
+                cmd.pre_exec(|| {
+                    use nix::sys::signal::{signal, SigHandler, Signal};
+                    signal(Signal::SIGPIPE, SigHandler::SigIgn)
+                        .map(drop)
+                        .map_err(std::io::Error::from)
+                });
+            }
         }
         let child = cmd.spawn().map_err(|source| ZfsError::Spawn {
             argv: argv.clone(),
