@@ -11,7 +11,9 @@
 //! - orphans are judged only when the sender's list names its top dataset;
 //!   `--delete-missing` destroys only the top of a wholly orphaned subtree,
 //!   and only when a fresh listing shows every dataset in it was made by
-//!   zfsync.
+//!   zfsync; an orphan it cannot delete (busy, unlisted, refused by zfs) is
+//!   reported in `failed`, with a reason that starts "cannot delete the
+//!   orphaned replica".
 
 use std::collections::HashSet;
 
@@ -76,7 +78,21 @@ pub(crate) async fn ensure(target: &Target) -> Result<(), BufferError> {
     }
 }
 
-fn failure(rel: &RelPath, e: PlaceError) -> PlaceFailure {
+/// Why `--delete-missing` did not delete an orphaned replica zfsync made.
+/// Reported in the clean report's `failed`; every text starts with
+/// "cannot delete the orphaned replica", which tells them from placements
+/// (the protocol has no field of its own for them).
+#[derive(Debug, Error)]
+pub(crate) enum DeleteError {
+    #[error("cannot delete the orphaned replica {0} now: a transfer into it is running; the next run with --delete-missing deletes it")]
+    Busy(DatasetName),
+    #[error("cannot delete the orphaned replica {ds}: cannot list it first: {source}")]
+    List { ds: DatasetName, source: ZfsError },
+    #[error("cannot delete the orphaned replica {ds}: {source}")]
+    Destroy { ds: DatasetName, source: ZfsError },
+}
+
+fn failure(rel: &RelPath, e: impl std::fmt::Display) -> PlaceFailure {
     PlaceFailure {
         path: rel.as_str().to_string(),
         reason: e.to_string(),
@@ -162,7 +178,8 @@ pub(crate) fn would_place(target: &Target) -> CleanReport {
 
 /// Fills in the replicas whose source is gone and, with `delete`,
 /// destroys them: only whole subtrees that zfsync created
-/// (`zfsync:replica` = their GUID) and that are all orphaned.
+/// (`zfsync:replica` = their GUID) and that are all orphaned. Each one it
+/// cannot destroy is added to `failed` ([`DeleteError`]).
 pub(crate) async fn orphans(
     target: &Target,
     peer: &str,
@@ -170,9 +187,6 @@ pub(crate) async fn orphans(
     delete: bool,
     report: &mut CleanReport,
 ) {
-    let CleanReport {
-        orphans, deleted, ..
-    } = report;
     let source: HashSet<&str> = source_paths.iter().map(String::as_str).collect();
     // An honest sender always lists its top dataset: without it the
     // list is wrong, and the whole replica would look orphaned.
@@ -181,14 +195,14 @@ pub(crate) async fn orphans(
         return;
     }
     let found = target.orphans(&source);
-    *orphans = found
+    report.orphans = found
         .iter()
         .map(|(rel, _)| rel.as_str().to_string())
         .collect();
     if !delete || found.is_empty() {
         return;
     }
-    tracing::warn!(peer = %peer, orphans = ?orphans, "--delete-missing: destroying the orphaned replicas zfsync created among these");
+    tracing::warn!(peer = %peer, orphans = ?report.orphans, "--delete-missing: destroying the orphaned replicas zfsync created among these");
     for (rel, ds) in &found {
         // Only the top of an orphaned subtree; -r takes the rest.
         if rel
@@ -197,32 +211,58 @@ pub(crate) async fn orphans(
         {
             continue;
         }
-        let Some(_lock) = target.try_lock(rel) else {
-            continue;
-        };
-        // Judge on a fresh listing of this subtree alone: a dataset may
-        // have appeared below since this run's listing, and destroy -r
-        // would take it.
-        let fresh = match target.zfs.list_trees_with(&[ds], &[REPLICA_PROP]).await {
-            Ok(t) => t,
+        match delete_orphan(target, peer, rel, ds).await {
+            Ok(true) => report.deleted.push(rel.as_str().to_string()),
+            Ok(false) => {}
             Err(e) => {
-                tracing::warn!(%ds, "cannot list before deleting: {e}");
-                continue;
+                tracing::warn!(peer = %peer, "{e}");
+                report.failed.push(failure(rel, e));
             }
-        };
-        if !fresh.datasets.values().all(is_replica) {
-            tracing::warn!(%ds, "orphaned, but not created by zfsync (or holds such a dataset): left alone");
-            continue;
-        }
-        match target.destroy_tree(ds).await {
-            Ok(()) => {
-                tracing::warn!(peer = %peer, %ds, "destroyed an orphaned replica (--delete-missing)");
-                target.destroyed(ds);
-                deleted.push(rel.as_str().to_string());
-            }
-            Err(e) => tracing::warn!(%ds, "cannot destroy the orphaned replica: {e}"),
         }
     }
+}
+
+/// Destroys one orphaned subtree if zfsync made all of it. `Ok(false)`:
+/// someone else made part of it, so it stays (not a failure).
+async fn delete_orphan(
+    target: &Target,
+    peer: &str,
+    rel: &RelPath,
+    ds: &DatasetName,
+) -> Result<bool, DeleteError> {
+    let Some(_lock) = target.try_lock(rel) else {
+        return Err(DeleteError::Busy(ds.clone()));
+    };
+    // Judge on a fresh listing of this subtree alone: a dataset may
+    // have appeared below since this run's listing, and destroy -r
+    // would take it.
+    let fresh = target
+        .zfs
+        .list_trees_with(&[ds], &[REPLICA_PROP])
+        .await
+        .map_err(|source| DeleteError::List {
+            ds: ds.clone(),
+            source,
+        })?;
+    if !fresh.skipped.is_empty() || !fresh.datasets.values().all(is_replica) {
+        tracing::warn!(%ds, "orphaned, but not created by zfsync (or holds such a dataset): left alone");
+        return Ok(false);
+    }
+    if fresh.datasets.is_empty() {
+        // Gone meanwhile.
+        target.destroyed(ds);
+        return Ok(false);
+    }
+    target
+        .destroy_tree(ds)
+        .await
+        .map_err(|source| DeleteError::Destroy {
+            ds: ds.clone(),
+            source,
+        })?;
+    tracing::warn!(peer = %peer, %ds, "destroyed an orphaned replica (--delete-missing)");
+    target.destroyed(ds);
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -297,6 +337,40 @@ mod tests {
                 .starts_with("its parent p/t/q is not on the receiver yet"),
             "{orphan}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_orphan_that_cannot_be_deleted_is_reported_in_failed() {
+        let t = target_with(&["p/t", "p/t/a", "p/t/gone", "p/t/gone/x"]);
+        // A transfer holds it: nothing is listed or destroyed.
+        let lock = t.try_lock(&RelPath::new("/gone").unwrap()).unwrap();
+        let mut report = CleanReport::default();
+        orphans(&t, "test", &[String::new(), "/a".into()], true, &mut report).await;
+        drop(lock);
+        assert_eq!(report.orphans, ["/gone", "/gone/x"]);
+        assert!(report.deleted.is_empty());
+        let failed: Vec<(&str, &str)> = report
+            .failed
+            .iter()
+            .map(|f| (f.path.as_str(), f.reason.as_str()))
+            .collect();
+        assert_eq!(
+            failed,
+            [(
+                "/gone",
+                "cannot delete the orphaned replica p/t/gone now: a transfer into it is running; the next run with --delete-missing deletes it"
+            )]
+        );
+        assert!(t.exists(&ds("p/t/gone/x")));
+        let e = DeleteError::Destroy {
+            ds: ds("p/t/gone"),
+            source: ZfsError::DoesNotExist {
+                name: "p/t/gone".into(),
+            },
+        };
+        assert!(e
+            .to_string()
+            .starts_with("cannot delete the orphaned replica p/t/gone: "));
     }
 
     #[tokio::test]

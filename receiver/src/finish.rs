@@ -10,8 +10,14 @@
 //!   holds` exists, so the receiver can always find its own again;
 //! - retention destroys only tool snapshots the sender dropped, one at a
 //!   time, never with `-r`, and only when the receiver mirrors it;
-//! - `canmount=noauto` and the replica mark (`zfsync:replica` = the
-//!   dataset's own GUID) are set only on a dataset a full receive created.
+//! - every dataset zfsync receives into, except a pool's root or another
+//!   dataset it overwrote with `-F` (which it did not create), carries
+//!   `canmount=noauto` and the replica mark (`zfsync:replica` = the
+//!   dataset's own GUID): set after its first full receive, and re-checked
+//!   at every Finish from the cached listing (a crash in between leaves
+//!   them unset), with no `zfs` call when the mark is right;
+//! - a bare `.full` of the dataset left by an earlier attempt is removed
+//!   at a Finish that does not use it.
 
 use thiserror::Error;
 use zfsync_common::caps::Cap;
@@ -21,8 +27,8 @@ use zfsync_common::protocol::Finished;
 use zfsync_common::zfs::Snapshot;
 
 use crate::open::{Mode, Open};
-use crate::replace::{self, ReplaceError};
-use crate::state::{Target, RECV_HOLD, REPLICA_PROP};
+use crate::replace::{self, Removal, ReplaceError};
+use crate::state::{is_replica, Target, RECV_HOLD, REPLICA_PROP};
 
 /// Why a dataset was not finished.
 #[derive(Debug, Error)]
@@ -46,24 +52,82 @@ pub(crate) async fn finish(
         replace::abandon(target, open).await;
         return Err(FinishError::Incomplete(rel));
     }
+    if !matches!(open.mode, Mode::Overwrite) {
+        // A crash right after the first receive left them unset. (An
+        // overwritten dataset is one zfsync did not create.)
+        ensure_marks(target, &open.dest).await;
+    }
     if let Some(newest) = open.announced.last() {
         // Before the mirrored retention, which may destroy the
         // previously held snapshot.
         move_hold(target, &open.dest, newest).await;
     }
     match &open.mode {
-        Mode::Direct | Mode::Overwrite => Ok(Finished {
-            location: open.dest.to_string(),
-            buffered: open.buffered,
-            pruned: mirror_retention(target, peer, &open.dest, &open.announced).await,
-        }),
+        Mode::Direct | Mode::Overwrite => {
+            remove_stale_full(target, &open.rel).await;
+            Ok(Finished {
+                location: open.dest.to_string(),
+                buffered: open.buffered,
+                pruned: mirror_retention(target, peer, &open.dest, &open.announced).await,
+            })
+        }
         Mode::Replace { replaces } => {
             replace::replace(target, peer, &open.dest, replaces, &open.rel).await?;
+            if let Some(newest) = open.announced.last() {
+                // A pool's root was filled, not renamed: its newest
+                // snapshot has no hold yet (elsewhere it moved along and
+                // this costs no call).
+                move_hold(target, replaces, newest).await;
+            }
             Ok(Finished {
                 location: replaces.to_string(),
                 buffered: open.buffered,
                 pruned: Vec::new(),
             })
+        }
+    }
+}
+
+/// `canmount=noauto` and the replica mark, where a crash (or a failed
+/// `zfs set`) after the first receive left them unset: from the cache, so
+/// with no `zfs` call when the mark is right. A pool's root is never
+/// marked (zfsync fills it, but did not create it).
+async fn ensure_marks(target: &Target, ds: &DatasetName) {
+    if ds.is_pool_root() {
+        return;
+    }
+    let Some(d) = target.get(ds) else {
+        return;
+    };
+    if is_replica(&d) {
+        return;
+    }
+    tracing::info!(%ds, "setting canmount=noauto and the replica mark, which are not set");
+    never_automount(target, ds).await;
+}
+
+/// A bare `HEX.full` of this dataset left by an earlier replacement (a
+/// receiver that died mid-transfer, a failed fill of a pool's root) is of
+/// no use once the dataset is finished without it: removed, after a
+/// listing made just before; with datasets below it, it stays (RE2). Under
+/// the dataset's lock, which every use of its `.full` takes; from the
+/// cache, so with no `zfs` call when there is none.
+async fn remove_stale_full(target: &Target, rel: &RelPath) {
+    let Ok(full) = target.full_temp_name(rel) else {
+        return;
+    };
+    if !target.exists(&full) {
+        return;
+    }
+    match replace::remove_if_bare(target, &full).await {
+        Removal::Removed => tracing::info!(%full, "removed a stale replacement"),
+        Removal::Gone => {}
+        Removal::Holds(below) => tracing::warn!(
+            "{full} is left from an interrupted replacement and holds {}; move them back by hand (zfs list -r {full}), then destroy it",
+            below.join(", ")
+        ),
+        Removal::ListFailed(e) | Removal::DestroyFailed(e) => {
+            tracing::warn!("cannot remove the stale {full}: {e}")
         }
     }
 }
@@ -111,11 +175,14 @@ async fn move_hold(target: &Target, dest: &DatasetName, newest: &Snapshot) {
 /// It is also marked `zfsync:replica=<its own GUID>`, which
 /// `--delete-missing` requires before it destroys anything (the GUID,
 /// because user properties are inherited: a child someone else made
-/// under a replica inherits the mark, but not the GUID).
+/// under a replica inherits the mark, but not the GUID). The mark is set
+/// only after `canmount`, so a right mark means both are set: the next
+/// Finish tries again otherwise ([`ensure_marks`]).
 pub(crate) async fn never_automount(target: &Target, ds: &DatasetName) {
     let zfs = &target.zfs;
     if let Err(e) = zfs.set(ds, "canmount", "noauto").await {
-        tracing::warn!(%ds, "cannot set canmount=noauto: {e}");
+        tracing::warn!(%ds, "cannot set canmount=noauto (the next Finish tries again): {e}");
+        return;
     }
     let Some(guid) = target.get(ds).map(|d| format_replica_mark(d.guid)) else {
         return;
@@ -201,6 +268,9 @@ mod tests {
     async fn a_complete_dataset_keeps_everything_without_mirroring() {
         let mut a = dataset("p/t/a");
         a.snapshots = vec![snap("zfsync_1", 10, 1), snap("s2", 12, 2)];
+        // Marked already: Finish needs no `zfs set`.
+        a.props
+            .insert(REPLICA_PROP.to_string(), format_replica_mark(a.guid));
         let t = Target::new(
             ds("p/t"),
             std::sync::Arc::new(zfsync_common::zfs::Zfs::default()),

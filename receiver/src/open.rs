@@ -16,9 +16,11 @@ pub(crate) enum Mode {
     Direct,
     /// Into a temporary dataset that replaces `replaces` once whole.
     Replace { replaces: DatasetName },
-    /// A full stream with `-F` into an existing dataset that has no
-    /// snapshots (`--full`; zfs swaps the new copy in only when it is
-    /// whole). The only way to fill a pool's root dataset.
+    /// A full stream with `-F` into a pool's root without snapshots
+    /// (`--full`), when that one stream is the whole new copy (the sender
+    /// has a single snapshot): zfs swaps it in only once it is complete.
+    /// Any other dataset without snapshots is replaced ([`Mode::Replace`];
+    /// a pool's root from the whole copy, `replace::commit_into_root`).
     Overwrite,
 }
 

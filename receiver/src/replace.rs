@@ -3,27 +3,40 @@
 //!
 //! States and invariants:
 //! - before a replacement is received ([`prepare`]): a pool's root dataset
-//!   is never replaced; a stale `.full` without children (a copy of the
-//!   source) is destroyed, one with children (the old copy's) never is;
+//!   with snapshots is never replaced; a stale `.full` without children (a
+//!   copy of the source) is destroyed, one with children (the old copy's)
+//!   never is;
 //! - the swap ([`replace`]), under the locks of every dataset below the old
 //!   copy: a stale `.old` without children is destroyed, one with children
 //!   never is; the old copy's children move under the new copy, the old
 //!   copy moves aside to `.old`, the new copy moves into its place; each
 //!   failure moves back what moved, in reverse, and says what could not;
-//! - the old copy is destroyed only once the new one is in place and no
-//!   child is left under it;
+//! - the old copy is destroyed only once the new one is in place and a
+//!   listing made just before shows no child left under it; when that
+//!   listing fails, the old copy is kept and the log says where;
+//! - a pool's root cannot be renamed: a snapshot-less root is filled from
+//!   the whole new copy by a local `zfs send | zfs receive -F` (and `-I`)
+//!   ([`commit_into_root`]); the new copy is destroyed only once the root
+//!   has its newest snapshot;
+//! - nothing is destroyed with `-r` unless a listing made just before
+//!   shows what is below it ([`remove_if_bare`]);
 //! - an unfinished replacement is removed when its connection gives it up
 //!   ([`abandon`]); the old copy is never touched then.
 
 use std::time::Duration;
 
 use thiserror::Error;
-use zfsync_common::naming::{DatasetName, NameError, RelPath};
-use zfsync_common::zfs::ZfsError;
+use zfsync_common::caps::SendPath;
+use zfsync_common::naming::{DatasetName, NameError, RelPath, SnapName};
+use zfsync_common::zfs::{RecvSpec, SendFrom, SendWhat, ZfsError};
 
 use crate::buffer::{self, BufferError};
 use crate::open::{Mode, Open};
 use crate::state::{DatasetLock, Target};
+
+mod root;
+
+use root::commit_into_root;
 
 /// How long [`lock_subtree`] waits for each busy dataset: 120 tries,
 /// half a second apart.
@@ -34,7 +47,7 @@ const LOCK_PAUSE: Duration = Duration::from_millis(500);
 /// where each piece is.
 #[derive(Debug, Error)]
 pub(crate) enum ReplaceError {
-    #[error("{0} is a pool's root dataset, which cannot be replaced; destroy its snapshots by hand or receive into a dataset below the pool")]
+    #[error("{0} is a pool's root dataset with snapshots, which cannot be replaced; destroy its snapshots by hand or receive into a dataset below the pool")]
     PoolRoot(DatasetName),
     #[error("{rel}: {source}")]
     TempName { rel: RelPath, source: NameError },
@@ -48,6 +61,13 @@ pub(crate) enum ReplaceError {
     /// A stale `.full` or `.old` could not be destroyed.
     #[error("cannot remove the stale {stale}: {source}")]
     Stale {
+        stale: DatasetName,
+        source: ZfsError,
+    },
+    /// A stale `.full` or `.old` could not be listed: nothing is destroyed
+    /// unseen.
+    #[error("cannot list the stale {stale} to see what it holds: {source}; look with zfs list -r {stale}")]
+    StaleList {
         stale: DatasetName,
         source: ZfsError,
     },
@@ -84,6 +104,33 @@ pub(crate) enum ReplaceError {
         parked: Option<(DatasetName, ZfsError)>,
         stranded: Stranded,
     },
+    #[error(
+        "the new copy {0} has vanished or has no snapshots; the next --full run sends it again"
+    )]
+    NewCopyGone(DatasetName),
+    /// Filling a pool's root from the whole new copy failed.
+    #[error("cannot fill the pool's root {root} from the new copy: {source}; {}; the whole new copy stays at {new}{}", commit_state(.root, .committed), commit_next(.committed))]
+    Commit {
+        root: DatasetName,
+        new: DatasetName,
+        /// The root's newest snapshot, if the full stream went in.
+        committed: Option<SnapName>,
+        source: ZfsError,
+    },
+}
+
+fn commit_state(root: &DatasetName, committed: &Option<SnapName>) -> String {
+    match committed {
+        None => format!("{root} is unchanged"),
+        Some(s) => format!("{root} has the new copy up to @{s} only"),
+    }
+}
+
+fn commit_next(committed: &Option<SnapName>) -> &'static str {
+    match committed {
+        None => " (the next --full run sends it again)",
+        Some(_) => " (the next run completes the root from the sender, then removes it)",
+    }
 }
 
 fn parked_note(parked: &Option<(DatasetName, ZfsError)>) -> String {
@@ -115,7 +162,15 @@ pub(crate) async fn prepare(
     rel: &RelPath,
     replaces: &DatasetName,
 ) -> Result<DatasetName, ReplaceError> {
-    if replaces.is_pool_root() {
+    // A pool's root cannot be renamed: one without snapshots is filled
+    // from the whole new copy (see [`commit_into_root`]); one with
+    // snapshots cannot be, as a full stream cannot go over them.
+    let root_has_snapshots = || {
+        target
+            .get(replaces)
+            .is_some_and(|d| !d.snapshots.is_empty())
+    };
+    if replaces.is_pool_root() && root_has_snapshots() {
         return Err(ReplaceError::PoolRoot(replaces.clone()));
     }
     let temp = target
@@ -129,27 +184,90 @@ pub(crate) async fn prepare(
         // Left by an interrupted earlier attempt. Without child
         // datasets it is only a copy of the source; with them it
         // holds the old copy's children: never destroy that.
+        let holds = || ReplaceError::StaleFullHoldsData {
+            temp: temp.clone(),
+            replaces: replaces.clone(),
+        };
         if !target.children(&temp).is_empty() {
-            return Err(ReplaceError::StaleFullHoldsData {
-                temp,
-                replaces: replaces.clone(),
-            });
+            return Err(holds());
         }
-        remove_stale(target, &temp).await?;
+        match remove_if_bare(target, &temp).await {
+            Removal::Removed | Removal::Gone => {}
+            Removal::Holds(_) => return Err(holds()),
+            Removal::ListFailed(source) => {
+                return Err(ReplaceError::StaleList {
+                    stale: temp,
+                    source,
+                })
+            }
+            Removal::DestroyFailed(source) => {
+                return Err(ReplaceError::Stale {
+                    stale: temp,
+                    source,
+                })
+            }
+        }
     }
     Ok(temp)
 }
 
-async fn remove_stale(target: &Target, stale: &DatasetName) -> Result<(), ReplaceError> {
-    target
-        .destroy_tree(stale)
-        .await
-        .map_err(|source| ReplaceError::Stale {
-            stale: stale.clone(),
-            source,
-        })?;
-    target.destroyed(stale);
-    Ok(())
+/// What [`remove_if_bare`] did.
+#[derive(Debug)]
+pub(crate) enum Removal {
+    Removed,
+    /// It did not exist (any more).
+    Gone,
+    /// Kept: these datasets lie below it.
+    Holds(Vec<String>),
+    /// Kept: it could not be listed.
+    ListFailed(ZfsError),
+    DestroyFailed(ZfsError),
+}
+
+/// The datasets below `ds` in a listing made now (names zfsync cannot
+/// parse count too); `None` when `ds` does not exist.
+async fn fresh_descendants(
+    target: &Target,
+    ds: &DatasetName,
+) -> Result<Option<Vec<String>>, ZfsError> {
+    let tree = target.zfs.list_trees(&[ds]).await?;
+    if !tree.datasets.contains_key(ds) {
+        return Ok(None);
+    }
+    let below = tree
+        .datasets
+        .keys()
+        .filter(|k| *k != ds)
+        .map(|k| k.to_string())
+        .chain(
+            tree.skipped
+                .into_iter()
+                .map(|(name, _)| name)
+                .filter(|n| !n.contains(['@', '#'])),
+        )
+        .collect();
+    Ok(Some(below))
+}
+
+/// Destroys a temporary dataset zfsync made (`.full`, `.old`) with `-r`,
+/// but only when a listing made just before shows no dataset below it:
+/// `-r` never takes anything unseen.
+pub(crate) async fn remove_if_bare(target: &Target, ds: &DatasetName) -> Removal {
+    match fresh_descendants(target, ds).await {
+        Err(e) => Removal::ListFailed(e),
+        Ok(None) => {
+            target.destroyed(ds);
+            Removal::Gone
+        }
+        Ok(Some(below)) if !below.is_empty() => Removal::Holds(below),
+        Ok(Some(_)) => match target.destroy_tree(ds).await {
+            Ok(()) => {
+                target.destroyed(ds);
+                Removal::Removed
+            }
+            Err(e) => Removal::DestroyFailed(e),
+        },
+    }
 }
 
 /// Drops the dataset in progress, removing a half-built replacement. The
@@ -158,9 +276,18 @@ pub(crate) async fn abandon(target: &Target, open: Open) {
     if let Mode::Replace { .. } = open.mode {
         if target.exists(&open.dest) {
             tracing::info!(dest = %open.dest, "removing an unfinished replacement");
-            match target.destroy_tree(&open.dest).await {
-                Ok(()) => target.destroyed(&open.dest),
-                Err(e) => tracing::warn!("cannot remove {}: {e}", open.dest),
+            match remove_if_bare(target, &open.dest).await {
+                Removal::Removed | Removal::Gone => {}
+                Removal::Holds(below) => tracing::warn!(
+                    "keeping the unfinished replacement {}: it holds {}",
+                    open.dest,
+                    below.join(", ")
+                ),
+                Removal::ListFailed(e) => tracing::warn!(
+                    "keeping the unfinished replacement {}: cannot list it: {e}",
+                    open.dest
+                ),
+                Removal::DestroyFailed(e) => tracing::warn!("cannot remove {}: {e}", open.dest),
             }
         }
     }
@@ -192,6 +319,9 @@ pub(crate) async fn replace(
     old: &DatasetName,
     rel: &RelPath,
 ) -> Result<(), ReplaceError> {
+    if old.is_pool_root() {
+        return commit_into_root(target, peer, new, old).await;
+    }
     let zfs = &target.zfs;
     let parked = target.old_temp_name(rel)?;
     target.relist().await?;
@@ -200,7 +330,22 @@ pub(crate) async fn replace(
             return Err(ReplaceError::StaleOldHoldsData(parked));
         }
         // The old copy of a finished replacement whose destroy failed.
-        remove_stale(target, &parked).await?;
+        match remove_if_bare(target, &parked).await {
+            Removal::Removed | Removal::Gone => {}
+            Removal::Holds(_) => return Err(ReplaceError::StaleOldHoldsData(parked)),
+            Removal::ListFailed(source) => {
+                return Err(ReplaceError::StaleList {
+                    stale: parked,
+                    source,
+                })
+            }
+            Removal::DestroyFailed(source) => {
+                return Err(ReplaceError::Stale {
+                    stale: parked,
+                    source,
+                })
+            }
+        }
     }
     // Nothing else may work below `old` while it moves.
     let _locks = lock_subtree(target, old).await?;
@@ -251,40 +396,63 @@ pub(crate) async fn replace(
 
 /// The new copy is in place. A child created below the old copy meanwhile
 /// went along with it: bring it over too, and destroy the old copy only
-/// when it is bare.
+/// when a listing made just before shows it bare. When the old copy
+/// cannot be listed it is kept, never destroyed unseen.
 async fn finish_swap(target: &Target, old: &DatasetName, parked: &DatasetName) {
     let zfs = &target.zfs;
-    let leftover = zfs
-        .list_trees(&[parked])
-        .await
-        .map(|t| {
-            t.datasets
-                .into_keys()
-                .filter(|k| k.parent().as_ref() == Some(parked))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    let mut kept = Vec::new();
-    for child in leftover {
-        let moved_ok = match old.child(child.leaf()) {
-            Ok(to) => zfs.rename(&child, &to).await.is_ok(),
-            Err(_) => false,
-        };
-        if !moved_ok {
-            kept.push(child.to_string());
+    let below = match fresh_descendants(target, parked).await {
+        Ok(Some(below)) => below,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(
+                "the new copy is in place; the old copy stays at {parked}: cannot list it to see whether a child dataset is left under it ({e}); look with zfs list -r {parked}, move any child under {old}, then destroy {parked}"
+            );
+            return;
         }
-    }
-    if kept.is_empty() {
+    };
+    if below.is_empty() {
+        // Listed just now: nothing below it.
         if let Err(e) = target.destroy_tree(parked).await {
             tracing::warn!(
                 "the new copy is in place, but the old one at {parked} could not be destroyed: {e}"
             );
         }
-    } else {
+        return;
+    }
+    // Only direct children move; what lies below them moves with them.
+    let prefix = format!("{parked}/");
+    let children = below
+        .iter()
+        .filter(|n| n.strip_prefix(&prefix).is_some_and(|l| !l.contains('/')));
+    let mut kept = Vec::new();
+    for child in children {
+        let moved = match (DatasetName::new(child), old.child(&child[prefix.len()..])) {
+            (Ok(from), Ok(to)) => zfs.rename(&from, &to).await.is_ok(),
+            _ => false,
+        };
+        if !moved {
+            kept.push(child.clone());
+        }
+    }
+    if !kept.is_empty() {
         tracing::warn!(
             "the new copy is in place; the old copy stays at {parked} because it still holds {}",
             kept.join(", ")
         );
+        return;
+    }
+    match remove_if_bare(target, parked).await {
+        Removal::Removed | Removal::Gone => {}
+        Removal::Holds(below) => tracing::warn!(
+            "the new copy is in place; the old copy stays at {parked} because it still holds {}",
+            below.join(", ")
+        ),
+        Removal::ListFailed(e) => tracing::warn!(
+            "the new copy is in place; the old copy stays at {parked}: cannot list it again ({e}); look with zfs list -r {parked}"
+        ),
+        Removal::DestroyFailed(e) => tracing::warn!(
+            "the new copy is in place, but the old one at {parked} could not be destroyed: {e}"
+        ),
     }
 }
 
@@ -315,69 +483,4 @@ async fn lock_subtree(target: &Target, ds: &DatasetName) -> Result<Vec<DatasetLo
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{ds, target_with};
-
-    #[test]
-    fn failure_texts_say_where_each_piece_is() {
-        let e = ReplaceError::MoveOldAside {
-            old: ds("p/t/a"),
-            source: ZfsError::DoesNotExist {
-                name: "p/t/a".into(),
-            },
-            stranded: Stranded(vec!["p/t/a/x is now at p/t.zfsyncbuffer/2F61.full/x".into()]),
-        };
-        let text = e.to_string();
-        assert!(
-            text.starts_with("cannot move the old copy p/t/a aside: "),
-            "{text}"
-        );
-        assert!(
-            text.ends_with("; could not move back: p/t/a/x is now at p/t.zfsyncbuffer/2F61.full/x"),
-            "{text}"
-        );
-        let e = ReplaceError::MoveChild {
-            child: ds("p/t/a/x"),
-            source: ZfsError::DoesNotExist {
-                name: "p/t/a/x".into(),
-            },
-            stranded: Stranded::default(),
-        };
-        assert!(!e.to_string().contains("could not move back"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn prepare_refuses_a_pool_root_and_a_stale_full_with_children() {
-        let t = target_with(&[]);
-        let rel = RelPath::new("/a").unwrap();
-        let root = prepare(&t, &rel, &ds("p")).await.unwrap_err();
-        assert!(matches!(root, ReplaceError::PoolRoot(_)), "{root}");
-
-        let t = target_with(&[
-            "p/t",
-            "p/t/a",
-            "p/t.zfsyncbuffer",
-            "p/t.zfsyncbuffer/2F61.full",
-            "p/t.zfsyncbuffer/2F61.full/x",
-        ]);
-        let stale = prepare(&t, &rel, &ds("p/t/a")).await.unwrap_err();
-        assert_eq!(
-            stale.to_string(),
-            "p/t.zfsyncbuffer/2F61.full is left from an interrupted replacement and holds datasets of the old copy; move them back under p/t/a by hand (zfs list -r p/t.zfsyncbuffer/2F61.full), then destroy p/t.zfsyncbuffer/2F61.full"
-        );
-        assert!(t.exists(&ds("p/t.zfsyncbuffer/2F61.full/x")));
-    }
-
-    #[tokio::test]
-    async fn lock_subtree_locks_what_lies_below() {
-        let t = target_with(&["p/t", "p/t/a", "p/t/a/x", "p/t/a/x/y", "p/t/b"]);
-        let locks = lock_subtree(&t, &ds("p/t/a")).await.unwrap();
-        assert_eq!(locks.len(), 2);
-        let rel = |s| RelPath::new(s).unwrap();
-        assert!(t.try_lock(&rel("/a/x")).is_none() && t.try_lock(&rel("/a/x/y")).is_none());
-        assert!(t.try_lock(&rel("/a")).is_some() && t.try_lock(&rel("/b")).is_some());
-        drop(locks);
-        assert!(t.try_lock(&rel("/a/x")).is_some());
-    }
-}
+mod tests;

@@ -400,6 +400,8 @@ async fn open_for(
 ) -> Result<Option<Open>, SyncError> {
     let rel = &valid.rel.clone();
     let in_place = valid.in_place.clone();
+    // One full stream is the whole copy (see the --full arm below).
+    let single_stream = valid.snapshots.len() == 1;
     let open = |dest, buffered, mode| Some(opener(valid, lock, dest, buffered, mode));
     let open = match decision {
         Decision::NoSnapshots | Decision::UpToDate { .. } => None,
@@ -438,7 +440,17 @@ async fn open_for(
             let Some(replaces) = current else {
                 return Err(SyncError::Internal("full without a dataset"));
             };
-            if reason == FullReason::TargetHasNoSnapshots {
+            // A dataset without snapshots is replaced like any other:
+            // received whole beside it, then swapped in, so its old data
+            // stays until the whole new copy is there (a pool's root,
+            // which cannot be renamed, is filled from that whole copy:
+            // replace::commit_into_root). Only a pool's root that takes a
+            // single full stream, which zfs swaps in once complete, is
+            // received over directly (-F).
+            if reason == FullReason::TargetHasNoSnapshots
+                && replaces.is_pool_root()
+                && single_stream
+            {
                 tracing::info!(peer = %peer, %rel, "--full into {replaces}, which has no snapshots");
                 open(replaces, buffered, Mode::Overwrite)
             } else {

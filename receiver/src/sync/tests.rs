@@ -174,7 +174,7 @@ async fn new_datasets_go_in_place_or_to_the_buffer() {
 }
 
 #[tokio::test]
-async fn full_into_a_dataset_without_snapshots_overwrites_it() {
+async fn full_into_a_dataset_without_snapshots_replaces_it_whole() {
     let t = target();
     let got = sync_req(&t, &request("/e").allow_full(true)).await.unwrap();
     assert_eq!(
@@ -184,8 +184,40 @@ async fn full_into_a_dataset_without_snapshots_overwrites_it() {
             accepted: true
         }
     );
+    // Received whole beside it, swapped in at Finish: the old data stays
+    // until the whole new copy is there.
     let open = got.open.unwrap();
-    assert!(matches!(open.mode, Mode::Overwrite) && open.dest == ds("p/t/e"));
+    assert!(
+        matches!(&open.mode, Mode::Replace { replaces } if *replaces == ds("p/t/e"))
+            && open.dest == ds("p/t.zfsyncbuffer/2F65.full")
+    );
+}
+
+#[tokio::test]
+async fn full_into_a_pool_root_overwrites_it_only_with_a_single_stream() {
+    // The pool's root `p` as the target, without snapshots.
+    let t = Target::new(ds("p"), Arc::new(Zfs::default()), true);
+    t.cache_for_tests([dataset("p"), dataset("p/zfsyncbuffer")]);
+    let mut one = request("");
+    one.snapshots.truncate(1);
+    let open = sync_req(&t, &one.allow_full(true))
+        .await
+        .unwrap()
+        .open
+        .unwrap();
+    assert!(matches!(open.mode, Mode::Overwrite) && open.dest == ds("p"));
+    drop(open);
+    // Two snapshots: a full stream and an incremental, never over the
+    // root; received whole into the buffer first.
+    let open = sync_req(&t, &request("").allow_full(true))
+        .await
+        .unwrap()
+        .open
+        .unwrap();
+    assert!(
+        matches!(&open.mode, Mode::Replace { replaces } if *replaces == ds("p"))
+            && open.dest == ds("p/zfsyncbuffer/top.full")
+    );
 }
 
 #[tokio::test]
