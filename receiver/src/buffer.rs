@@ -80,8 +80,9 @@ pub(crate) async fn ensure(target: &Target) -> Result<(), BufferError> {
 
 /// Why `--delete-missing` did not delete an orphaned replica zfsync made.
 /// Reported in the clean report's `failed`; every text starts with
-/// "cannot delete the orphaned replica", which tells them from placements
-/// (the protocol has no field of its own for them).
+/// [`zfsync_common::protocol::typed::DELETE_FAILED`], which tells them from
+/// placements (the protocol has no field of its own for them; a test below
+/// holds the texts to it).
 #[derive(Debug, Error)]
 pub(crate) enum DeleteError {
     #[error("cannot delete the orphaned replica {0} now: a transfer into it is running; the next run with --delete-missing deletes it")]

@@ -137,6 +137,7 @@ impl Report {
         } else if self.stopped
             || self.outcomes.iter().any(Outcome::failed)
             || !self.retention.errors.is_empty()
+            || self.clean.delete_failures().next().is_some()
         {
             exit::FAILED
         } else {

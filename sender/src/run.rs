@@ -316,7 +316,7 @@ async fn clean_buffer(
                     }
                 }
             }
-            for f in &report.failed {
+            for f in report.place_failures() {
                 let reason = format!("received into the buffer but not placed: {}", f.reason);
                 match dataset_of(&f.path)
                     .and_then(|ds| outcomes.iter_mut().find(|o| o.dataset == ds))

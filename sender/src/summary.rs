@@ -33,13 +33,21 @@ pub fn report_text(source: &DatasetName, receiver: &str, report: &Report) -> Str
         report.dry_run,
         report.delete,
     ));
-    s.push_str(&result_line(
+    let mut line = result_line(
         &report.outcomes,
         report.dry_run,
         report.unreachable.as_deref(),
         report.retention.errors.len(),
         report.stopped,
-    ));
+    );
+    let not_deleted = report.clean.delete_failures().count();
+    if not_deleted > 0 && report.unreachable.is_none() {
+        line.pop();
+        line.push_str(&format!(
+            "; {not_deleted} orphan(s) not deleted (see above)\n"
+        ));
+    }
+    s.push_str(&line);
     s
 }
 
@@ -293,6 +301,9 @@ pub fn render_after(
             "deleted on the receiver (--delete-missing): {}",
             listed(&clean.deleted)
         );
+    }
+    for f in clean.delete_failures() {
+        let _ = writeln!(out, "NOT deleted on the receiver: {}: {}", f.path, f.reason);
     }
     out
 }

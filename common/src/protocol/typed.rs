@@ -160,6 +160,26 @@ pub struct CleanReport {
     pub deleted: Vec<String>,
 }
 
+/// How the reason of an entry of [`CleanReport::failed`] starts when it is
+/// an orphan `--delete-missing` could not destroy (not a placement).
+pub const DELETE_FAILED: &str = "cannot delete the orphaned replica";
+
+impl CleanReport {
+    /// The orphans `--delete-missing` could not destroy, from `failed`.
+    pub fn delete_failures(&self) -> impl Iterator<Item = &PlaceFailure> {
+        self.failed
+            .iter()
+            .filter(|f| f.reason.starts_with(DELETE_FAILED))
+    }
+
+    /// The datasets that could not be placed from the buffer.
+    pub fn place_failures(&self) -> impl Iterator<Item = &PlaceFailure> {
+        self.failed
+            .iter()
+            .filter(|f| !f.reason.starts_with(DELETE_FAILED))
+    }
+}
+
 /// The answer to [`CleanRequest`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CleanReply {

@@ -269,3 +269,39 @@ retention error: pruning skipped for 1 dataset(s) whose confirmed base could not
     };
     assert_eq!(report.exit_code(), crate::exit::FAILED);
 }
+
+/// An orphan `--delete-missing` could not destroy is shown with the
+/// receiver's reason, named on the result line, and fails the run.
+#[test]
+fn an_orphan_not_deleted_is_reported_and_fails_the_run() {
+    let report = Report {
+        outcomes: vec![o(
+            "p/src",
+            Status::UpToDate {
+                snapshot: "s1".into(),
+            },
+        )],
+        clean: zfsync_common::protocol::CleanReport {
+            orphans: vec!["/gone".into()],
+            failed: vec![zfsync_common::protocol::PlaceFailure {
+                path: "/gone".into(),
+                reason:
+                    "cannot delete the orphaned replica q/t/gone: filesystem has dependent clones"
+                        .into(),
+            }],
+            ..Default::default()
+        },
+        delete: Delete::Done,
+        ..Report::default()
+    };
+    let s = crate::summary(&DatasetName::new("p/src").unwrap(), "backup:7878", &report);
+    assert!(
+        s.contains("NOT deleted on the receiver: /gone: cannot delete the orphaned replica q/t/gone: filesystem has dependent clones"),
+        "{s}"
+    );
+    assert!(
+        s.contains("result: all datasets in sync; 1 orphan(s) not deleted (see above)"),
+        "{s}"
+    );
+    assert_eq!(report.exit_code(), crate::exit::FAILED);
+}
