@@ -53,6 +53,11 @@ pub struct Args {
     /// The zfs binary.
     #[arg(long, value_name = "PATH", default_value = "zfs")]
     pub zfs: PathBuf,
+    /// Seconds a zfs call (other than the streams of send and receive) may
+    /// run before it is killed and reported: a wedged zfs or a suspended
+    /// pool must not hold a dataset forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub zfs_timeout: u64,
     /// A property option for every `zfs receive` (repeatable):
     /// '-o PROPERTY=VALUE' sets it on the replicas, '-x PROPERTY' keeps the
     /// sender's value out (for example --recv-option '-o readonly=on'
@@ -157,7 +162,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listener,
         Options {
             target,
-            zfs: Arc::new(Zfs::new(&args.zfs)),
+            zfs: Arc::new(
+                Zfs::new(&args.zfs).with_timeout(Duration::from_secs(args.zfs_timeout.max(1))),
+            ),
             tls: tls_rx,
             allow_clients: args.allow_client,
             mirror_retention: !args.keep_all_snapshots,

@@ -79,6 +79,11 @@ pub struct Args {
     /// The zfs binary.
     #[arg(long, value_name = "PATH", default_value = "zfs")]
     pub zfs: PathBuf,
+    /// Seconds a zfs call (other than the streams of send and receive) may
+    /// run before it is killed and reported: a wedged zfs or a suspended
+    /// pool must not hold a dataset forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub zfs_timeout: u64,
     /// Seconds to wait for the receiver's next message.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub timeout: u64,
@@ -161,7 +166,9 @@ async fn run(args: Args) -> u8 {
     let receiver = format!("{}:{}", args.receiver, args.port);
     let opts = Options {
         source: source.clone(),
-        zfs: Arc::new(Zfs::new(&args.zfs)),
+        zfs: Arc::new(
+            Zfs::new(&args.zfs).with_timeout(Duration::from_secs(args.zfs_timeout.max(1))),
+        ),
         client: ClientOptions {
             host: args.receiver.clone(),
             port: args.port,

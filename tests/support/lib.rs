@@ -38,7 +38,7 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-fn zfs_path() -> &'static str {
+pub fn zfs_path() -> &'static str {
     static P: OnceLock<String> = OnceLock::new();
     P.get_or_init(|| {
         for c in ["/usr/sbin/zfs", "/sbin/zfs", "/usr/local/sbin/zfs"] {
