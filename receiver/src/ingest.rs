@@ -5,8 +5,14 @@
 //! - a stream names a snapshot from the sync request and starts from the
 //!   destination's newest snapshot (from nothing for a new dataset); a
 //!   resumed stream comes after a resume offer, and only then;
-//! - the head (at most [`HEAD_MAX`] bytes are kept) is checked before
-//!   `zfs receive` starts; a refused stream is drained, never received;
+//! - every byte of the stream passes the [`Validator`] before `zfs
+//!   receive` sees it: the head before `zfs receive` starts (at most
+//!   [`HEAD_MAX`] bytes are kept until then), each later frame when it
+//!   arrives, so a frame is written only once it, and the one after it,
+//!   passed; a refused stream aborts the receive as a cut does and is
+//!   drained, never received;
+//! - an empty data frame ends the connection (it carries nothing, and
+//!   would only make the receiver work or queue for nothing);
 //! - an incremental first rolls the destination back (never `-r`) to its
 //!   newest snapshot, freshly listed; `-F` only for an overwrite, which is
 //!   unmounted first and never resumable;
@@ -21,10 +27,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use zfsync_common::caps::{Cap, Caps};
+use zfsync_common::caps::{Cap, Caps, SendPath};
 use zfsync_common::naming::{DatasetName, NameError, SnapName};
 use zfsync_common::protocol::{Frame, Message, ProtocolError, StreamRequest};
-use zfsync_common::stream::{check_head, feature_names, HEAD_MAX};
+use zfsync_common::stream::{feature_names, Allow, Expect, Validator, HEAD_MAX};
 use zfsync_common::zfs::{ChildWriter, RecvSpec, Snapshot, ZfsChild, ZfsError};
 
 use crate::finish::never_automount;
@@ -82,7 +88,7 @@ pub(crate) enum IngestError {
     /// The connection was cut, misbehaved, or the receiver shuts down.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    /// The head check said no.
+    /// The stream validator said no.
     #[error("refused stream: {0}")]
     Refused(String),
     /// Listing the destination before the rollback failed.
@@ -299,13 +305,11 @@ struct Feed<'a> {
     peer_caps: &'a Caps,
     dest: &'a DatasetName,
     plan: &'a Planned,
-    /// The GUIDs of the announced snapshots: the only ones a stream may
-    /// create.
-    allowed: Vec<u64>,
-    /// The stream's first bytes, until the head check decides.
-    head: Vec<u8>,
-    /// The frames that arrived before `zfs receive` started.
-    early: Vec<Bytes>,
+    /// Sees every byte before `zfs receive` does.
+    validator: Validator<'a>,
+    /// The bytes that arrived before the validator knew the head (fewer
+    /// than [`HEAD_MAX`]: it decides within them).
+    early: Vec<u8>,
     running: Option<Running>,
     /// Why the stream is refused; the rest of it is drained.
     refused: Option<IngestError>,
@@ -318,48 +322,63 @@ struct Feed<'a> {
 }
 
 impl Feed<'_> {
-    async fn data(&mut self, b: Bytes) {
+    /// A data frame: validated, then held back while the one before it
+    /// goes to `zfs receive` (started once the head passed). An empty
+    /// frame is a protocol error.
+    async fn data(&mut self, b: Bytes) -> Result<(), ProtocolError> {
+        if b.is_empty() {
+            return Err(ProtocolError::BadFrame("an empty data frame".into()));
+        }
         self.total += b.len() as u64;
         if self.refused.is_some() {
-            return; // draining a refused stream
+            return Ok(()); // draining a refused stream
+        }
+        if let Err(refusal) = self.validator.feed(&b) {
+            tracing::warn!(peer = %self.peer, dest = %self.dest, "refused a stream: {refusal}");
+            self.refuse(IngestError::Refused(refusal.to_string())).await;
+            return Ok(());
         }
         if let Some(running) = self.running.as_mut() {
             if let Some(prev) = self.pending.replace(b) {
                 running.input.write(&prev).await;
             }
-            return;
+            return Ok(());
         }
-        let room = HEAD_MAX.saturating_sub(self.head.len()).min(b.len());
-        self.head.extend_from_slice(&b[..room]);
-        self.early.push(b);
-        match check_head(&self.head, self.plan.from_guid, &self.allowed) {
-            Ok(None) => {}
-            Err(reason) => {
-                tracing::warn!(peer = %self.peer, dest = %self.dest, "refused a stream: {reason}");
-                self.refused = Some(IngestError::Refused(reason));
-                self.early.clear();
+        let Some(features) = self.validator.head().map(|h| h.features) else {
+            if self.early.len() + b.len() >= HEAD_MAX {
+                // The validator decides within HEAD_MAX bytes; never here.
+                let e = format!("no stream head within its first {HEAD_MAX} bytes");
+                self.refuse(IngestError::Refused(e)).await;
+            } else {
+                self.early.extend_from_slice(&b);
             }
-            Ok(Some(h)) => {
-                match start_receive(self.target, self.peer_caps, self.dest, self.plan).await {
-                    Err(e) => {
-                        self.refused = Some(e);
-                        self.early.clear();
-                    }
-                    Ok(mut child) => {
-                        self.features = h.features;
-                        let mut input = Input {
-                            stdin: child.take_stdin(),
-                            failed: false,
-                        };
-                        self.pending = self.early.pop();
-                        for f in self.early.drain(..) {
-                            input.write(&f).await;
-                        }
-                        self.running = Some(Running { child, input });
-                    }
+            return Ok(());
+        };
+        match start_receive(self.target, self.peer_caps, self.dest, self.plan).await {
+            Err(e) => self.refuse(e).await,
+            Ok(mut child) => {
+                self.features = features;
+                let mut input = Input {
+                    stdin: child.take_stdin(),
+                    failed: false,
+                };
+                if !self.early.is_empty() {
+                    input.write(&std::mem::take(&mut self.early)).await;
                 }
+                self.pending = Some(b);
+                self.running = Some(Running { child, input });
             }
         }
+        Ok(())
+    }
+
+    /// Refuses the rest of the stream: a running `zfs receive` is aborted
+    /// before the held-back frame, as for a cut; what follows is drained.
+    async fn refuse(&mut self, e: IngestError) {
+        self.pending = None;
+        self.early = Vec::new();
+        self.stop().await;
+        self.refused = Some(e);
     }
 
     /// Aborts a running `zfs receive` (nothing is committed).
@@ -387,6 +406,11 @@ impl Feed<'_> {
                 announced: bytes,
                 arrived: self.total,
             });
+        }
+        if !self.validator.is_complete() {
+            // Valid so far but cut short: zfs sees a truncated stream and
+            // says so (snapshots of a package that arrived whole stay).
+            tracing::debug!(peer = %self.peer, %dest, "the stream ends before its last END record");
         }
         if let Some(last) = self.pending.take() {
             running.input.write(&last).await;
@@ -443,9 +467,9 @@ impl Feed<'_> {
 }
 
 /// Pipes one stream (announced, checked into `plan`) into `zfs receive`.
-/// The head of the stream is checked before `zfs receive` even starts;
-/// after that, frames go to it one behind, so the last (with the END
-/// record) waits for `End`. Returns the bytes received.
+/// Every frame passes the stream validator on arrival; `zfs receive`
+/// starts once the head passed, and frames go to it one behind, so the
+/// last (with the END record) waits for `End`. Returns the bytes received.
 pub(crate) async fn receive(
     target: &Target,
     frames: &mut impl Frames,
@@ -454,14 +478,30 @@ pub(crate) async fn receive(
     open: &Open,
     plan: &Planned,
 ) -> Result<u64, IngestError> {
+    let local = target.zfs.caps();
+    let path = SendPath::choose(peer_caps, &local);
+    // The base (a snapshot or a bookmark; none for a full stream), by the
+    // sender's createtxg: the stream's snapshots must be newer.
+    let base = (open.announced.iter().chain(&open.bookmarks))
+        .find(|s| plan.from_guid != 0 && s.guid == plan.from_guid);
+    let expect = Expect {
+        from_guid: plan.from_guid,
+        from_createtxg: base.map_or(0, |s| s.createtxg),
+        to: &plan.to,
+        announced: &open.announced,
+        allow: Allow {
+            resumed: plan.resume,
+            raw: path.raw,
+            compressed: path.compressed,
+        },
+    };
     let mut feed = Feed {
         target,
         peer,
         peer_caps,
         dest: &open.dest,
         plan,
-        allowed: open.announced.iter().map(|s| s.guid).collect(),
-        head: Vec::with_capacity(HEAD_MAX),
+        validator: Validator::new(expect),
         early: Vec::new(),
         running: None,
         refused: None,
@@ -476,7 +516,11 @@ pub(crate) async fn receive(
             Err(e) => return Err(feed.cut(e).await),
         };
         match frame {
-            Frame::Data(b) => feed.data(b).await,
+            Frame::Data(b) => {
+                if let Err(e) = feed.data(b).await {
+                    return Err(feed.cut(e).await);
+                }
+            }
             Frame::Msg(Message::End { bytes }) => return feed.end(bytes).await,
             Frame::Msg(Message::Abort { reason }) => {
                 feed.stop().await;

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use zfsync_common::naming::RelPath;
 use zfsync_common::protocol::WireSnap;
-use zfsync_common::stream::RECORD;
+use zfsync_common::stream::{Allow, Expect, Validator, HEAD_MAX, RECORD};
 
 use super::*;
 use crate::testing::{dataset, ds, snap, target_of};
@@ -245,4 +245,138 @@ async fn abort_cut_and_strays_end_the_stream() {
         got.unwrap_err().to_string(),
         "unexpected message finish (expected stream data, end or abort)"
     );
+}
+
+/// A BEGIN record (little-endian) of `hdrtype` (1: substream, 2: package)
+/// with a `payload`-byte payload announced.
+fn begin(hdrtype: u64, payload: u32, to: u64, from: u64, toname: &str) -> Vec<u8> {
+    let mut r = vec![0u8; RECORD];
+    r[4..8].copy_from_slice(&payload.to_le_bytes());
+    r[8..16].copy_from_slice(&0x2F5_BACBACu64.to_le_bytes());
+    r[16..24].copy_from_slice(&hdrtype.to_le_bytes());
+    r[40..48].copy_from_slice(&to.to_le_bytes());
+    r[48..56].copy_from_slice(&from.to_le_bytes());
+    r[56..56 + toname.len()].copy_from_slice(toname.as_bytes());
+    r
+}
+
+fn end_record() -> Vec<u8> {
+    let mut r = vec![0u8; RECORD];
+    r[0..4].copy_from_slice(&5u32.to_le_bytes());
+    r
+}
+
+fn bytes(b: &[u8]) -> Frame {
+    Frame::Data(Bytes::copy_from_slice(b))
+}
+
+#[tokio::test]
+async fn an_empty_data_frame_ends_the_connection() {
+    for before in [vec![], vec![data(10)]] {
+        let n = before.len() as u64 * 10;
+        let mut frames = before;
+        frames.push(data(0));
+        frames.push(Frame::Msg(Message::End { bytes: n }));
+        let (got, rest) = run(frames).await;
+        match got {
+            Err(IngestError::Protocol(e)) => {
+                assert_eq!(e.to_string(), "malformed frame: an empty data frame")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rest.0.len(), 1, "nothing read after the empty frame");
+    }
+}
+
+#[tokio::test]
+async fn records_after_the_head_are_checked_before_zfs_starts() {
+    // All in the first frame: a package, its END, a second package header.
+    let mut s = begin(2, 0, 0, 0, "src/a@s3");
+    s.extend(end_record());
+    s.extend(begin(2, 500, 0, 0, "src/a@s3"));
+    let n = s.len() as u64;
+    let (got, rest) = run(vec![
+        bytes(&s),
+        data(5000),
+        Frame::Msg(Message::End { bytes: n + 5000 }),
+        Frame::Msg(Message::Bye),
+    ])
+    .await;
+    assert_eq!(
+        got.unwrap_err().to_string(),
+        "refused stream: a second package header at byte 624 (zfs send -R/-p); only one plain or -I stream is accepted"
+    );
+    assert_eq!(rest.0.len(), 1, "drained up to End");
+    // A -R package's header, one byte a frame.
+    let s = begin(2, 900, 0, 0, "src/a@s3");
+    let mut frames: Vec<Frame> = s.chunks(1).map(bytes).collect();
+    frames.push(Frame::Msg(Message::End {
+        bytes: RECORD as u64,
+    }));
+    let (got, _) = run(frames).await;
+    assert!(
+        got.unwrap_err().to_string().contains("900-byte payload"),
+        "-R refused"
+    );
+}
+
+/// What arrives before the head is decided is kept, and only that: in
+/// bytes, not frames.
+#[tokio::test]
+async fn bytes_before_the_head_are_bounded() {
+    let t = target();
+    let o = open(&t, "p/t/new", Mode::Direct, false);
+    let plan = check_stream(&t, &o, &stream(None, "s3", 13, 103)).unwrap();
+    let mut head = begin(2, 0, 0, 0, "src/a@s3");
+    head.extend(end_record());
+    head.extend(begin(1, 0, 13, 0, "src/a@s3"));
+    let to = plan.to.clone();
+    let announced = o.announced.clone();
+    let mut feed = Feed {
+        target: &t,
+        peer: "test",
+        peer_caps: &Caps::default(),
+        dest: &o.dest,
+        plan: &plan,
+        validator: Validator::new(Expect {
+            from_guid: 0,
+            from_createtxg: 0,
+            to: &to,
+            announced: &announced,
+            allow: Allow::default(),
+        }),
+        early: Vec::new(),
+        running: None,
+        refused: None,
+        pending: None,
+        total: 0,
+        features: 0,
+    };
+    // One byte a frame, all but the last of the head: still undecided.
+    for b in &head[..HEAD_MAX - 1] {
+        feed.data(Bytes::copy_from_slice(&[*b])).await.unwrap();
+        assert!(feed.early.len() < HEAD_MAX);
+    }
+    assert_eq!(feed.early.len(), HEAD_MAX - 1);
+    assert!(feed.running.is_none() && feed.refused.is_none());
+    // Garbage instead of the last byte's record: refused, and the kept
+    // bytes are freed; what follows is only counted.
+    let mut bad = Feed {
+        validator: Validator::new(Expect {
+            from_guid: 0,
+            from_createtxg: 0,
+            to: &to,
+            announced: &announced,
+            allow: Allow::default(),
+        }),
+        early: Vec::new(),
+        total: 0,
+        ..feed
+    };
+    for _ in 0..2 * HEAD_MAX {
+        bad.data(Bytes::from_static(&[0x5a])).await.unwrap();
+    }
+    assert!(matches!(bad.refused, Some(IngestError::Refused(_))));
+    assert_eq!(bad.early.capacity(), 0);
+    assert_eq!(bad.total, 2 * HEAD_MAX as u64);
 }

@@ -2,16 +2,18 @@
 //! framing (312-byte records, little-endian), as far as zfsync looks at it
 //! ([`crate::stream::check_head`]): BEGIN records with magic, header type,
 //! feature flags, `toguid`, `fromguid` and `toname`; END records with
-//! `toguid`; between them one WRITE-like record carrying ~1 KiB of filler,
-//! so byte counts are not trivial. `-I` streams are packages: a compound
-//! BEGIN and its END, the substreams, a final END.
+//! `toguid`; between them one WRITE record carrying ~1 KiB of filler
+//! (`drr_logical_size`), so byte counts are not trivial. `-I` streams are
+//! packages: a compound BEGIN (named after the last snapshot, as zfs does)
+//! and its END, the substreams, a final END. The receiver's validator
+//! ([`crate::stream::Validator`]) follows these as it does real streams.
 
 use crate::stream::RECORD;
 
 const MAGIC: u64 = 0x2F5_BACBAC;
 const BEGIN: u32 = 0;
 const END: u32 = 5;
-const WRITE: u32 = 2;
+const WRITE: u32 = 3;
 const SUBSTREAM: u64 = 1;
 const COMPOUND: u64 = 2;
 /// Filler bytes per snapshot.
@@ -90,7 +92,8 @@ fn end(to: u64) -> Vec<u8> {
 pub(super) fn encode(subs: &[Sub], compound: bool) -> Vec<u8> {
     let mut out = Vec::new();
     if compound {
-        out.extend(begin(COMPOUND, 0, 0, 0, ""));
+        let toname = subs.last().map_or("", |s| s.toname.as_str());
+        out.extend(begin(COMPOUND, 0, 0, 0, toname));
         out.extend(end(0));
     }
     for s in subs {
@@ -101,7 +104,9 @@ pub(super) fn encode(subs: &[Sub], compound: bool) -> Vec<u8> {
             s.from_guid,
             &s.toname,
         ));
-        out.extend(record(WRITE, FILLER as u32));
+        let mut write = record(WRITE, 0);
+        put64(&mut write, 32, FILLER as u64); // drr_logical_size
+        out.extend(write);
         let mut x = s.to_guid | 1;
         out.extend((0..FILLER).map(|_| {
             // xorshift: incompressible-looking, deterministic.
@@ -141,7 +146,8 @@ fn substream(b: &[u8], mut pos: usize) -> Result<(Sub, usize), String> {
         match get32(rec, 0) {
             END if get64(rec, 40) == sub.to_guid => return Ok((sub, pos)),
             END | BEGIN => return Err(INVALID.into()),
-            _ => pos += get32(rec, 4) as usize,
+            WRITE => pos += get64(rec, 32) as usize,
+            _ => {}
         }
     }
 }
