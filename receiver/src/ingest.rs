@@ -260,10 +260,13 @@ async fn start_receive(
 
 /// `zfs receive`'s input. A failed write means zfs stopped reading (it
 /// failed): later writes are skipped, the connection is still drained,
-/// and zfs's own error is reported at `End`.
+/// and zfs's own error is reported at `End`. A write that does not finish
+/// within `limit` (`--zfs-timeout`) counts as failed too: a wedged `zfs
+/// receive` must not hold the dataset's lock forever.
 struct Input {
     stdin: Option<ChildWriter>,
     failed: bool,
+    limit: Duration,
 }
 
 impl Input {
@@ -272,8 +275,13 @@ impl Input {
             return;
         }
         if let Some(s) = self.stdin.as_mut() {
-            if s.write_all(data).await.is_err() {
-                self.failed = true;
+            match tokio::time::timeout(self.limit, s.write_all(data)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => self.failed = true,
+                Err(_) => {
+                    tracing::warn!(limit = ?self.limit, "zfs receive took no input for too long (--zfs-timeout); it is ended at the stream's end");
+                    self.failed = true;
+                }
             }
         }
     }
@@ -361,6 +369,7 @@ impl Feed<'_> {
                 let mut input = Input {
                     stdin: child.take_stdin(),
                     failed: false,
+                    limit: self.target.zfs.call_timeout(),
                 };
                 if !self.early.is_empty() {
                     input.write(&std::mem::take(&mut self.early)).await;
@@ -417,7 +426,7 @@ impl Feed<'_> {
         }
         let Running { mut child, input } = running;
         drop(input);
-        let result = child.close().await;
+        let result = child.close_within(target.zfs.call_timeout()).await;
         let _ = target.refresh(dest).await;
         if let Err(source) = result {
             let unsupported =

@@ -155,7 +155,10 @@ impl ZfsChild {
         self.stdout = None;
         match std::mem::replace(&mut self.inner, Inner::Ended(Some("aborted".into()))) {
             Inner::Process { mut child, stderr } => {
-                if tokio::time::timeout(ABORT_GRACE, child.wait()).await.is_err() {
+                if tokio::time::timeout(ABORT_GRACE, child.wait())
+                    .await
+                    .is_err()
+                {
                     let _ = child.kill().await;
                 }
                 stderr.abort();
@@ -178,10 +181,9 @@ impl ZfsChild {
             Err(_) => {
                 tracing::warn!(argv = %self.argv, "did not exit within {limit:?}; killed");
                 self.abort().await;
-                Err(ZfsError::Failed {
+                Err(ZfsError::Timeout {
                     argv: self.argv.clone(),
-                    status: "killed".into(),
-                    stderr: format!("did not exit within {limit:?}"),
+                    after: limit,
                 })
             }
         }

@@ -212,6 +212,10 @@ impl ZfsBackend for Zfs {
         Ok(caps)
     }
 
+    fn call_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn caps(&self) -> Caps {
         self.caps.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

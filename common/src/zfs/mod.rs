@@ -40,6 +40,11 @@ pub trait ZfsBackend: Send + Sync + std::fmt::Debug {
     async fn probe(&self) -> Result<Caps, ZfsError>;
     /// What [`ZfsBackend::probe`] found; nothing before it.
     fn caps(&self) -> Caps;
+    /// How long a call may run (`--zfs-timeout`); also how long a running
+    /// `zfs receive` may take its input or take to exit after it.
+    fn call_timeout(&self) -> std::time::Duration {
+        DEFAULT_TIMEOUT
+    }
 
     /// Lists whole trees (datasets, snapshots, and bookmarks where zfs has
     /// them) with the given user properties, in one call. Roots that do
