@@ -850,3 +850,51 @@ fn sighup_reloads_the_certificates_and_a_bad_file_keeps_the_old_ones() {
     recv.wait_for_log("keeping the old certificates", 1, Duration::from_secs(10));
     send(&other.sender_args(), &["-p", &port, &src, "127.0.0.1"]).assert_code(0);
 }
+
+/// A child whose buffer name would be too long for ZFS (the hex of its path
+/// doubles its length) is not failed when it arrives before its parent: it
+/// is refused as temporary, waits, and is received in place once the parent
+/// is there; a whole run with several workers completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_whose_buffer_name_is_too_long_waits_for_its_parent() {
+    let certs = Certs::shared();
+    let a = Pool::new("longbuf");
+    let b = Pool::new("longbuf");
+    let src = a.ds("src");
+    let dst = b.ds("t");
+    let long = "c".repeat(120);
+    let child = format!("{src}/p/{long}");
+    for ds in [src.clone(), format!("{src}/p"), child.clone()] {
+        zfs(&["create", &ds]);
+    }
+    zfs(&["snapshot", "-r", &format!("{src}@s1")]);
+    let recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    let mut c = Client::connect(&options(certs, recv.port, "longbuf-1"))
+        .await
+        .unwrap();
+    let rel = RelPath::new(&format!("/p/{long}")).unwrap();
+    let s = snaps(&child);
+    match c
+        .sync(&zfsync_common::protocol::SyncRequest::new(&rel, &s))
+        .await
+        .unwrap()
+    {
+        SyncReply::Refused { reason, temporary } => {
+            assert!(temporary, "{reason}");
+            assert!(reason.contains("waits for its parent"), "{reason}");
+        }
+        other => panic!("expected a temporary refusal, got {other:?}"),
+    }
+    c.bye().await;
+    assert!(!exists(&format!("{dst}.zfsyncbuffer")));
+    // A real run with several workers: the child is tried again once the
+    // parent is in place, and lands there.
+    send(
+        &certs.sender_args(),
+        &["-p", &recv.port.to_string(), "-t", "4", &src, "127.0.0.1"],
+    )
+    .assert_code(0)
+    .assert_stdout_has("result: all datasets in sync");
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+    assert!(exists(&format!("{dst}/p/{long}")));
+}

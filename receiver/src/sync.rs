@@ -79,7 +79,9 @@ pub(crate) enum SyncError {
     CannotResume(DatasetName),
     #[error("{dest} holds a cut transfer that cannot be discarded: {source}; run `zfs receive -A {dest}` by hand")]
     Discard { dest: DatasetName, source: ZfsError },
-    #[error("{rel} arrived before its parent and its buffer name is too long ({source}); run again once the parent exists")]
+    /// Temporary: the sender tries again later, by when the parent may be
+    /// in place and the dataset is received there, needing no buffer.
+    #[error("{rel} arrived before its parent and its buffer name is too long ({source}); it waits for its parent (run again once the parent exists)")]
     BufferNameTooLong { rel: RelPath, source: NameError },
     #[error("the top dataset cannot be buffered")]
     TopBuffered,
@@ -97,7 +99,10 @@ impl SyncError {
     /// Worth asking again later (another connection holds the dataset,
     /// or other requests hold the memory budget).
     pub(crate) fn is_temporary(&self) -> bool {
-        matches!(self, SyncError::Busy(_) | SyncError::NoMemory { .. })
+        matches!(
+            self,
+            SyncError::Busy(_) | SyncError::NoMemory { .. } | SyncError::BufferNameTooLong { .. }
+        )
     }
 }
 

@@ -100,37 +100,46 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
         // Stopped while connecting: every dataset is "not attempted".
         None => None,
     };
-    let queue = Arc::new(Queue::new(jobs));
     let opts = Arc::new(opts);
-    let workers = opts.threads.max(1).min(queue.len().max(1));
-    let mut handles = Vec::new();
-    let mut first = first;
-    for id in 0..workers {
-        let queue = queue.clone();
-        let opts = opts.clone();
-        let shutdown = shutdown.clone();
-        let client = first.take();
-        handles.push(tokio::spawn(async move {
-            worker::worker(id, client, &opts, &queue, &shutdown).await
-        }));
-    }
-    for h in handles {
-        let _ = h.await;
-    }
+    let (mut done, left, mut deferred) = pass(&opts, first, jobs, true, &shutdown).await;
     let stopped = shutdown.is_cancelled();
-    let (mut done, left) = queue.finish();
     // Whatever no worker took: the run was stopped, or every connection
     // was lost.
-    let why = if stopped {
-        NOT_ATTEMPTED_STOPPED
-    } else {
-        NOT_ATTEMPTED_NO_CONNECTION
-    };
-    done.extend(left.into_iter().map(|job| Outcome {
-        dataset: job.dataset.name,
-        status: Status::Failed { reason: why.into() },
-    }));
+    not_attempted(&mut done, left, stopped);
+    // Datasets the receiver kept busy (a child whose buffer name is too
+    // long waits for its parent) are tried once more after cleanbuffer;
+    // orphans are judged after them.
+    let again = !deferred.is_empty() && !stopped;
     let delete = opts.delete_missing && !done.iter().any(Outcome::failed);
+    if stopped {
+        not_attempted(&mut done, std::mem::take(&mut deferred), true);
+        tracing::warn!("the run was stopped: cleanbuffer and retention's pruning are skipped");
+        not_placed(
+            &mut done,
+            "received into the buffer; not placed: the run was stopped before cleanbuffer",
+        );
+    } else {
+        report.clean = clean_buffer(&opts, &mut done, source_paths.clone(), delete && !again).await;
+    }
+    let mut delete = delete && !again;
+    if again {
+        tracing::info!(
+            datasets = deferred.len(),
+            "trying again the datasets the receiver kept busy, now that the buffer is placed"
+        );
+        let (mut more, left, _) = pass(&opts, None, deferred, false, &shutdown).await;
+        let stopped = shutdown.is_cancelled();
+        not_attempted(&mut more, left, stopped);
+        if !stopped {
+            delete = opts.delete_missing && !done.iter().chain(&more).any(Outcome::failed);
+            let clean = clean_buffer(&opts, &mut more, source_paths, delete).await;
+            report.clean.placed.extend(clean.placed);
+            report.clean.failed.extend(clean.failed);
+            report.clean.orphans = clean.orphans;
+            report.clean.deleted.extend(clean.deleted);
+        }
+        done.extend(more);
+    }
     if opts.delete_missing && !delete {
         tracing::warn!("--delete-missing skipped: some datasets failed in this run");
     }
@@ -139,15 +148,6 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
         (true, false) => Delete::Skipped,
         (true, true) => Delete::Done,
     };
-    if stopped {
-        tracing::warn!("the run was stopped: cleanbuffer and retention's pruning are skipped");
-        not_placed(
-            &mut done,
-            "received into the buffer; not placed: the run was stopped before cleanbuffer",
-        );
-    } else {
-        report.clean = clean_buffer(&opts, &mut done, source_paths, delete).await;
-    }
     outcomes.extend(done);
     outcomes.sort_by(|a, b| a.dataset.cmp(&b.dataset));
     report.mirrored = outcomes
@@ -168,6 +168,49 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
     report.stopped = stopped;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// One pass of workers over `jobs` (`first`: an open connection for the
+/// first worker). Returns what was done, what no worker took, and (with
+/// `defer`) what the receiver kept busy, for a second pass.
+async fn pass(
+    opts: &Arc<Options>,
+    first: Option<zfsync_common::client::Client>,
+    jobs: Vec<Job>,
+    defer: bool,
+    shutdown: &CancellationToken,
+) -> (Vec<Outcome>, Vec<Job>, Vec<Job>) {
+    let queue = Arc::new(Queue::new(jobs, defer));
+    let workers = opts.threads.max(1).min(queue.len().max(1));
+    let mut handles = Vec::new();
+    let mut first = first;
+    for id in 0..workers {
+        let queue = queue.clone();
+        let opts = opts.clone();
+        let shutdown = shutdown.clone();
+        let client = first.take();
+        handles.push(tokio::spawn(async move {
+            worker::worker(id, client, &opts, &queue, &shutdown).await
+        }));
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    let (done, left) = queue.finish();
+    (done, left, queue.deferred())
+}
+
+/// Reports the jobs no worker took.
+fn not_attempted(done: &mut Vec<Outcome>, left: Vec<Job>, stopped: bool) {
+    let why = if stopped {
+        NOT_ATTEMPTED_STOPPED
+    } else {
+        NOT_ATTEMPTED_NO_CONNECTION
+    };
+    done.extend(left.into_iter().map(|job| Outcome {
+        dataset: job.dataset.name,
+        status: Status::Failed { reason: why.into() },
+    }));
 }
 
 /// What retention needs of the options; `prune`: false when the run was

@@ -37,6 +37,11 @@ pub(crate) struct Queue {
     jobs: Mutex<VecDeque<Job>>,
     /// Pushed by whichever worker finished a dataset.
     done: Mutex<Vec<Outcome>>,
+    /// Datasets still busy after their tries, kept for a second pass after
+    /// cleanbuffer (`None`: this is the second pass, report them). Their
+    /// parent may be in the buffer until then (a child whose buffer name
+    /// would be too long waits for its parent to be in place).
+    deferred: Option<Mutex<Vec<Job>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -44,11 +49,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Queue {
-    pub fn new(jobs: Vec<Job>) -> Queue {
+    /// `defer`: keep what stays busy for a second pass (see
+    /// [`Queue::deferred`]).
+    pub fn new(jobs: Vec<Job>, defer: bool) -> Queue {
         Queue {
             jobs: Mutex::new(jobs.into()),
             done: Mutex::new(Vec::new()),
+            deferred: defer.then(|| Mutex::new(Vec::new())),
         }
+    }
+
+    /// Sets `job` aside for the second pass; false (and nothing done) when
+    /// this is the second pass.
+    fn defer(&self, job: &Job) -> bool {
+        match &self.deferred {
+            Some(d) => {
+                lock(d).push(Job {
+                    tries: 0,
+                    ..job.clone()
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The jobs set aside for a second pass.
+    pub fn deferred(&self) -> Vec<Job> {
+        self.deferred
+            .as_ref()
+            .map(|d| std::mem::take(&mut *lock(d)))
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
@@ -165,6 +196,10 @@ pub(crate) async fn worker(
                     tracing::info!(worker = id, dataset = %job.dataset.name, "busy on the receiver; trying again later");
                     job.tries += 1;
                     queue.push_back(job);
+                    continue;
+                }
+                if matches!(e, DatasetError::Busy { .. }) && queue.defer(&job) {
+                    tracing::info!(worker = id, dataset = %job.dataset.name, "still busy on the receiver; tried again after cleanbuffer");
                     continue;
                 }
                 Status::Failed {
