@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make test-fast: the unit tests of every crate and the in-process tier
-# (tests/inprocess.rs: the real receiver and sender over TLS on 127.0.0.1,
+# (tests/inprocess/: the real receiver and sender over TLS on 127.0.0.1,
 # against the in-memory FakeZfs backend). No root, no ZFS: `zfs` and `zpool`
 # are taken off PATH first, so a test that reached for them would fail.
 set -euo pipefail

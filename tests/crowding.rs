@@ -69,10 +69,8 @@ async fn stranger(port: u16, tally: Arc<Tally>, stop: CancellationToken) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_do_not_crowd_out_senders() {
     let certs = Certs::shared();
-    let a = Pool::new("crowda");
-    let b = Pool::new("crowdb");
-    let src = a.ds("src");
-    let dst = b.ds("replica");
+    let pools = Pools::new("crowd", "replica");
+    let (src, dst) = pools.names();
     for ds in [src.clone(), format!("{src}/x"), format!("{src}/x/y")] {
         zfs(&["create", &ds]);
         write_file(&ds, "data.bin", &noise(4000, ds.len() as u64));

@@ -573,41 +573,6 @@ fn sigterm_mid_transfer_aborts_the_receive_and_exits_0() {
     record_figures("faults-sigterm", &[("faults", 1), ("lost", 0)]);
 }
 
-/// `zfs send ARGS` into memory.
-fn send_bytes(args: &[&str]) -> Vec<u8> {
-    let out = std::process::Command::new("zfs")
-        .arg("send")
-        .args(args)
-        .output()
-        .expect("zfs send");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// Announces a stream and sends `data` as it is, ending with `end_bytes`.
-async fn raw_stream(
-    c: &mut Client,
-    from_guid: Option<u64>,
-    to: &Snapshot,
-    data: &[u8],
-    end_bytes: u64,
-) -> Result<u64, String> {
-    c.begin_stream(from_guid, to)
-        .await
-        .map_err(|e| e.to_string())?;
-    for chunk in data.chunks(100_000) {
-        c.connection()
-            .send_data(bytes_of(chunk))
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    c.end_stream(end_bytes).await.map_err(|e| e.to_string())
-}
-
 fn bytes_of(b: &[u8]) -> zfsync_common::protocol::Bytes {
     zfsync_common::protocol::Bytes::copy_from_slice(b)
 }
@@ -694,7 +659,7 @@ async fn hostile_streams_are_refused_and_no_snapshot_is_lost() {
         ),
     ];
     for (what, data, end, why) in cases {
-        let err = raw_stream(&mut c, Some(s[1].guid), &s[2], data, end)
+        let err = raw_stream(&mut c, Some(s[1].guid), &s[2], data, &[100_000], end)
             .await
             .expect_err(what);
         assert!(err.contains(why), "{what}: {err}");
@@ -858,10 +823,8 @@ fn sighup_reloads_the_certificates_and_a_bad_file_keeps_the_old_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_whose_buffer_name_is_too_long_waits_for_its_parent() {
     let certs = Certs::shared();
-    let a = Pool::new("longbuf");
-    let b = Pool::new("longbuf");
-    let src = a.ds("src");
-    let dst = b.ds("t");
+    let pools = Pools::new("longbuf", "t");
+    let (src, dst) = pools.names();
     let long = "c".repeat(120);
     let child = format!("{src}/p/{long}");
     for ds in [src.clone(), format!("{src}/p"), child.clone()] {

@@ -7,9 +7,8 @@
 //! of `zfsync-send` while its (slowed) second stream flows.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use zfsync_e2e::*;
 
@@ -22,34 +21,6 @@ const NEVER_CONFIRMED: &str = "of dataset(s) the receiver never confirmed";
 const OTHER_RECEIVER: &str = "another receiver may have";
 const HOLD_FAILED: &str = "retention error: pruning skipped for";
 
-fn zfs_bin() -> &'static str {
-    ["/usr/sbin/zfs", "/sbin/zfs", "/usr/local/sbin/zfs"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("zfs")
-}
-
-/// A `--zfs` whose `zfs send` output trickles at about 1 MiB/s, as the
-/// harness's `slow_zfs`, but with SIGPIPE ignored: when the sender is
-/// killed, `zfs send` then fails on the broken pipe and releases its
-/// temporary holds. zfs-fuse's `zfs send` killed by a signal leaves its
-/// `.send-<pid>-<time>` holds behind for good (seen here); OpenZFS releases
-/// them when the process ends. Those stray holds would keep the very
-/// snapshots this file is about, and hide what retention itself does.
-fn slow_zfs_clean_cut(dir: &TempDir) -> String {
-    let script = dir.path().join("slow-zfs");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/bash\nset -o pipefail\nif [ \"$1\" = send ]; then\n  trap '' PIPE\n  tmp=$(mktemp)\n  {zfs} \"$@\" | while :; do\n    dd bs=65536 count=1 iflag=fullblock of=\"$tmp\" status=none || break\n    [ -s \"$tmp\" ] || break\n    cat \"$tmp\" || break\n    sleep 0.05\n  done\n  rc=$?\n  rm -f \"$tmp\"\n  exit $rc\nfi\nexec {zfs} \"$@\"\n",
-            zfs = zfs_bin()
-        ),
-    )
-    .expect("write the slow zfs");
-    run("chmod", &["+x", &script.to_string_lossy()]);
-    script.to_string_lossy().into_owned()
-}
-
 /// One `zfsync-send` to the receiver on `port`.
 fn sync(port: u16, extra: &[&str], src: &str) -> SendRun {
     let port = port.to_string();
@@ -59,57 +30,28 @@ fn sync(port: u16, extra: &[&str], src: &str) -> SendRun {
     send(&Certs::shared().sender_args(), &args)
 }
 
-fn spawn_send(port: u16, zfs: &str, src: &str) -> Child {
-    Command::new(bin("zfsync-send"))
-        .args(Certs::shared().sender_args())
-        .args(["-p", &port.to_string(), "-t", "1", "--zfs", zfs, src])
-        .arg("127.0.0.1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start zfsync-send")
-}
-
-fn receives(recv: &Receiver) -> usize {
-    recv.log()
-        .lines()
-        .filter(|l| l.contains("spawning argv=") && l.contains("receive"))
-        .count()
+/// Starts a `zfsync-send` of `src` with one worker and `--zfs zfs`, in the
+/// background.
+fn spawn(port: u16, zfs: &str, src: &str) -> RunningSend {
+    let port = port.to_string();
+    let args = ["-p", &port, "-t", "1", "--zfs", zfs, src, "127.0.0.1"];
+    spawn_send(&Certs::shared().sender_args(), &args)
 }
 
 /// Waits until the receiver runs the `n`-th `zfs receive` (counted from
 /// its start) and that stream has flowed a little, then SIGKILLs the
 /// sender: the streams before it are committed, that one is cut.
-fn cut_during_receive(mut sender: Child, recv: &Receiver, n: usize, pool: &str) {
-    let start = Instant::now();
-    while receives(recv) < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "receive #{n} did not start:\n{}",
-            recv.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn cut_during_receive(sender: RunningSend, recv: &Receiver, n: usize, pool: &str) {
+    recv.wait_for_receives(n, &[]);
     std::thread::sleep(Duration::from_millis(700));
     let cuts = recv.log().matches("stream cut").count();
-    sender.kill().expect("SIGKILL zfsync-send");
-    let _ = sender.wait();
+    sender.kill();
     recv.wait_for_log("stream cut", cuts + 1, Duration::from_secs(60));
-    let start = Instant::now();
-    loop {
-        let out = Command::new("pgrep")
-            .args(["-f", &format!("zfs receive .*{pool}")])
-            .output()
-            .expect("pgrep");
-        if out.stdout.is_empty() {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "a zfs receive into {pool} did not end"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_no_process(
+        &format!("zfs receive .*{pool}"),
+        Duration::from_secs(60),
+        &format!("a zfs receive into {pool}"),
+    );
 }
 
 /// How many holds a snapshot has.
@@ -189,10 +131,8 @@ fn add_figures(faults: u64, completed: u64, lost: u64) {
 /// have is pruned, and its next run is incremental from that snapshot.
 #[test]
 fn a_cut_first_sync_keeps_what_the_receiver_may_have() {
-    let a = Pool::new("gapa");
-    let b = Pool::new("gapa");
-    let src = a.ds("src");
-    let dst = b.ds("t");
+    let pools = Pools::new("gapa", "t");
+    let (src, dst) = pools.names();
     zfs(&["create", &src]);
     write_file(&src, "f", b"first");
     zfs(&["snapshot", &format!("{src}@{S1}")]);
@@ -205,7 +145,7 @@ fn a_cut_first_sync_keeps_what_the_receiver_may_have() {
     let slow = slow_zfs_clean_cut(&tmp);
 
     // The full stream of S1 arrives; the -I to S2 is cut.
-    cut_during_receive(spawn_send(port, &slow, &src), &recv, 2, &b.name);
+    cut_during_receive(spawn(port, &slow, &src), &recv, 2, &pools.b.name);
     assert_eq!(snapshot_names(&dst), [S1], "the cut left other than S1");
     let before = snapshot_guids(&dst);
     for s in [S1, S2] {
@@ -274,13 +214,8 @@ fn another_receivers_unconfirmed_snapshots_and_unheld_base_survive() {
     let tmp = TempDir::new("gapb");
     let slow = slow_zfs_clean_cut(&tmp);
     // B: src's -I S1..S2 arrives whole, src/a's is cut.
-    let n = receives(&recv_b);
-    cut_during_receive(
-        spawn_send(recv_b.port, &slow, &src),
-        &recv_b,
-        n + 2,
-        &tb.name,
-    );
+    let n = recv_b.receives_started(&[]);
+    cut_during_receive(spawn(recv_b.port, &slow, &src), &recv_b, n + 2, &tb.name);
     assert_eq!(snapshot_names(&dst_b), [S1, S2]);
     assert_eq!(snapshot_names(&format!("{dst_b}/a")), [S1]);
     let before = snapshot_guids(&dst_b);
@@ -333,26 +268,16 @@ fn another_receivers_unconfirmed_snapshots_and_unheld_base_survive() {
 /// datasets, says so and exits 1; the next run (holds work again) prunes.
 #[test]
 fn a_failed_hold_stops_pruning_of_that_dataset_for_the_run() {
-    let a = Pool::new("gapc");
-    let b = Pool::new("gapc");
-    let src = a.ds("src");
-    let dst = b.ds("t");
-    for ds in [src.clone(), format!("{src}/a")] {
-        zfs(&["create", &ds]);
-        write_file(&ds, "f", ds.as_bytes());
-    }
+    let pools = Pools::new("gapc", "t");
+    let (src, dst) = pools.names();
+    create_tree(&src, &["", "/a"]);
     let tmp = TempDir::new("gapc");
-    let failing = tmp.path().join("zfs-hold-fails");
-    std::fs::write(
-        &failing,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = hold ] && [ $# -ge 3 ]; then\n  echo \"cannot hold snapshot '$3': permission denied\" >&2\n  exit 1\nfi\nexec {} \"$@\"\n",
-            zfs_bin()
-        ),
-    )
-    .expect("write the wrapper");
-    run("chmod", &["+x", &failing.to_string_lossy()]);
-    let failing = failing.to_string_lossy().into_owned();
+    let failing = failing_zfs(
+        &tmp,
+        "hold",
+        3,
+        "cannot hold snapshot '$3': permission denied",
+    );
     let recv = Receiver::start(&dst, &Certs::shared().receiver_args(), &[]);
     let keep1 = ["--snapshot", "S", "--keep", "1"];
     sync(recv.port, &keep1, &src).assert_code(0);

@@ -5,116 +5,24 @@
 //! target), no `zfs send` of the run is left behind, and the next normal
 //! run completes.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use zfsync_e2e::*;
 
-/// A `zfsync-send` started in the background, its output collected.
-struct Running {
-    child: Child,
-    stdout: JoinHandle<String>,
-    stderr: JoinHandle<String>,
-    argv: String,
-}
-
-fn collect(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
-
-fn spawn_send(port: u16, zfs: &str, src: &str) -> Running {
-    let args = [
-        "-p",
-        &port.to_string(),
-        "-t",
-        "1",
-        "--zfs",
-        zfs,
-        src,
-        "127.0.0.1",
-    ]
-    .map(str::to_string);
-    let mut child = Command::new(bin("zfsync-send"))
-        .args(Certs::shared().sender_args())
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start zfsync-send");
-    let stdout = collect(child.stdout.take().expect("stdout"));
-    let stderr = collect(child.stderr.take().expect("stderr"));
-    Running {
-        child,
-        stdout,
-        stderr,
-        argv: format!("zfsync-send {}", args.join(" ")),
-    }
-}
-
-impl Running {
-    fn signal(&self, sig: &str) {
-        run("kill", &[&format!("-{sig}"), &self.child.id().to_string()]);
-    }
-
-    /// Waits for the exit (at most `within`, else kills it and fails).
-    #[track_caller]
-    fn finish_within(mut self, within: Duration) -> (SendRun, Duration) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                break Some(st);
-            }
-            if start.elapsed() > within {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let took = start.elapsed();
-        let run = SendRun {
-            code: status.and_then(|s| s.code()).unwrap_or(-1),
-            stdout: self.stdout.join().unwrap_or_default(),
-            stderr: self.stderr.join().unwrap_or_default(),
-            argv: self.argv,
-        };
-        assert!(
-            status.is_some(),
-            "zfsync-send did not exit within {within:?} of the signal:\n{}",
-            run.dump()
-        );
-        (run, took)
-    }
-}
-
-/// How many `zfs receive` of the big dataset the receiver has started.
-fn receives_of_big(recv: &Receiver) -> usize {
-    recv.log()
-        .lines()
-        .filter(|l| l.contains("spawning argv=") && l.contains("receive"))
-        .filter(|l| l.contains("/big"))
-        .count()
+/// Starts a `zfsync-send` of `src` with one worker and `--zfs zfs`, in the
+/// background.
+fn spawn(port: u16, zfs: &str, src: &str) -> RunningSend {
+    let port = port.to_string();
+    let args = ["-p", &port, "-t", "1", "--zfs", zfs, src, "127.0.0.1"];
+    spawn_send(&Certs::shared().sender_args(), &args)
 }
 
 /// Waits until the `n`-th receive of big runs and its (throttled) stream
 /// has flowed a little.
 fn wait_receiving_big(recv: &Receiver, n: usize, progress: &Path) {
     let start = Instant::now();
-    while receives_of_big(recv) < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no receive of big started:\n{}",
-            recv.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    recv.wait_for_receives(n, &["/big"]);
     let _ = std::fs::remove_file(progress);
     // 1 MiB of big's stream (64 KiB every 50 ms; the sender sends 256 KiB
     // frames): well under way, far from done (8 MiB take about six seconds).
@@ -135,30 +43,15 @@ fn chunks(progress: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// `zfs send` processes (and wrappers) sending from `pool`.
-fn sends_of(pool: &str) -> String {
-    let out = Command::new("pgrep")
-        .args(["-a", "-f", &format!("zfs send .*{pool}/")])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Waits (a few seconds at most) until no `zfs send` from `pool` runs.
+/// Waits (a few seconds at most) until no `zfs send` (or wrapper) from
+/// `pool` runs.
 #[track_caller]
 fn assert_no_send_left(pool: &str) {
-    let start = Instant::now();
-    loop {
-        let left = sends_of(pool);
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "zfs send of the stopped run still running:\n{left}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_no_process(
+        &format!("zfs send .*{pool}/"),
+        Duration::from_secs(5),
+        "zfs send of the stopped run",
+    );
 }
 
 /// Every snapshot on the target is the source's, with its GUID: whole or
@@ -181,19 +74,9 @@ fn new_data(src: &str, snap: &str, seed: u64) {
 
 #[test]
 fn sigterm_mid_stream_stops_cleanly_and_the_next_run_completes() {
-    let a = Pool::new("sigterm");
-    let b = Pool::new("sigterm");
-    let src = a.ds("src");
-    let dst = b.ds("t");
-    for ds in [
-        src.clone(),
-        format!("{src}/a"),
-        format!("{src}/big"),
-        format!("{src}/c"),
-    ] {
-        zfs(&["create", &ds]);
-        write_file(&ds, "f", ds.as_bytes());
-    }
+    let pools = Pools::new("sigterm", "t");
+    let (src, dst) = pools.names();
+    create_tree(&src, &["", "/a", "/big", "/c"]);
     new_data(&src, "s1", 1);
     let tmp = TempDir::new("sigterm");
     let progress = tmp.path().join("progress");
@@ -217,8 +100,8 @@ fn sigterm_mid_stream_stops_cleanly_and_the_next_run_completes() {
     };
     let stopped = |round: &str, sig: &str| {
         let aborts = recv.log().matches("sender aborted the stream").count();
-        let n = receives_of_big(&recv) + 1;
-        let sender = spawn_send(port, &throttled, &src);
+        let n = recv.receives_started(&["/big"]) + 1;
+        let sender = spawn(port, &throttled, &src);
         wait_receiving_big(&recv, n, &progress);
         sender.signal(sig);
         let (run, took) = sender.finish_within(Duration::from_secs(20));
@@ -261,7 +144,7 @@ fn sigterm_mid_stream_stops_cleanly_and_the_next_run_completes() {
             aborts + 1,
             Duration::from_secs(10),
         );
-        assert_no_send_left(&a.name);
+        assert_no_send_left(&pools.a.name);
         run
     };
 

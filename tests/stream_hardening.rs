@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use zfsync_common::client::{Client, ClientOptions};
 use zfsync_common::naming::{RelPath, SnapName};
-use zfsync_common::protocol::{Bytes, SyncReply, SyncRequest};
+use zfsync_common::protocol::{SyncReply, SyncRequest};
 use zfsync_common::stream::{Allow, Expect, Validator, RECORD};
 use zfsync_common::zfs::Snapshot;
 use zfsync_e2e::*;
@@ -20,22 +20,6 @@ fn options(certs: &Certs, port: u16) -> ClientOptions {
     let mut o = certs.client_options(port, "stream-hardening");
     o.read_timeout = Duration::from_secs(30);
     o
-}
-
-/// `zfs send ARGS` into memory.
-fn send_bytes(args: &[&str]) -> Vec<u8> {
-    let out = std::process::Command::new("zfs")
-        .arg("send")
-        .args(args)
-        .output()
-        .expect("zfs send");
-    assert!(
-        out.status.success(),
-        "zfs send {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// `package` with `inner` put in before its final END record.
@@ -58,21 +42,7 @@ async fn attempt(
     data: &[u8],
     sizes: &[usize],
 ) -> Result<u64, String> {
-    c.begin_stream(from, to).await.map_err(|e| e.to_string())?;
-    let mut rest = data;
-    let mut i = 0;
-    while !rest.is_empty() {
-        let n = sizes[i % sizes.len()].min(rest.len());
-        i += 1;
-        c.connection()
-            .send_data(Bytes::copy_from_slice(&rest[..n]))
-            .await
-            .map_err(|e| e.to_string())?;
-        rest = &rest[n..];
-    }
-    c.end_stream(data.len() as u64)
-        .await
-        .map_err(|e| e.to_string())
+    raw_stream(c, from, to, data, sizes, data.len() as u64).await
 }
 
 /// Properties set on `pool`'s datasets by a received stream.
@@ -100,11 +70,8 @@ fn by_name<'a>(snaps: &'a [Snapshot], name: &str) -> &'a Snapshot {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spliced_records_are_refused_before_zfs_receive_sees_them() {
     let certs = Certs::shared();
-    let a = Pool::new("shsrc");
-    let b = Pool::new("shdst");
-    let src = a.ds("src");
+    let Pools { a, b, src, dst } = Pools::new("shsplice", "t");
     let evil = a.ds("src/evil");
-    let dst = b.ds("t");
     zfs(&["create", &src]);
     write_file(&src, "f", b"zero");
     zfs(&["snapshot", &format!("{src}@s0")]);

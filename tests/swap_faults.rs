@@ -11,15 +11,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use zfsync_common::client::Client;
+use zfsync_common::client::{CleanReport, Client};
 use zfsync_e2e::*;
-
-fn zfs_bin() -> &'static str {
-    ["/usr/sbin/zfs", "/sbin/zfs", "/usr/local/sbin/zfs"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("zfs")
-}
 
 /// What a matching call does instead of (or before) running.
 enum Act {
@@ -95,10 +88,8 @@ exec '{zfs}' "$@"
             hits = p("hits.log"),
             lock = p("rules.lock"),
             rules = p("rules"),
-            turn = std::env::temp_dir()
-                .join("zfsync-tests-zfs-admin.lock")
-                .display(),
-            zfs = zfs_bin(),
+            turn = turn_path().display(),
+            zfs = zfs_path(),
         );
         std::fs::write(&script, body).expect("write the wrapper");
         run("chmod", &["+x", &script]);
@@ -173,6 +164,11 @@ exec '{zfs}' "$@"
     }
 }
 
+/// A regular expression matching `zfs rename FROM TO`.
+fn rename_re(from: &str, to: &str) -> String {
+    format!("^rename {} {}$", lit(from), lit(to))
+}
+
 /// A regular expression matching `s` literally.
 fn lit(s: &str) -> String {
     s.chars()
@@ -243,6 +239,15 @@ fn changed(a: &[String], b: &[String]) -> usize {
     a.iter().filter(|l| !b.contains(l)).count() + b.iter().filter(|l| !a.contains(l)).count()
 }
 
+/// The entries of [`guids`] of a dataset itself, not of its children.
+fn own(guids: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    guids
+        .iter()
+        .filter(|(k, _)| !k.starts_with('/'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// How many of `before` are not in `after` with the same GUID.
 fn missing(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> usize {
     before
@@ -286,6 +291,17 @@ fn read(ds: &str, file: &str) -> Option<Vec<u8>> {
     std::fs::read(mountpoint(ds).join(file)).ok()
 }
 
+/// A receiver into `dst` with `--zfs` the wrapper of `zfs`, on `port` (0:
+/// any free one).
+fn start_receiver(dst: &str, zfs: &FaultyZfs, port: u16) -> Receiver {
+    Receiver::start_on(
+        dst,
+        &Certs::shared().receiver_args(),
+        &["--zfs", &zfs.script],
+        port,
+    )
+}
+
 /// A source tree, its replica under a target, and a receiver running with
 /// a [`FaultyZfs`].
 struct Setup {
@@ -302,14 +318,8 @@ impl Setup {
     /// (so that a new dataset takes a full stream and an incremental); a
     /// receiver into `target` (a dataset of pool b, `""` for its root).
     fn new(tag: &str, rels: &[&str], target: &str) -> Setup {
-        let a = Pool::new(tag);
-        let b = Pool::new(tag);
-        let src = a.ds("src");
-        for r in rels {
-            let ds = format!("{src}{r}");
-            zfs(&["create", &ds]);
-            write_file(&ds, "f", ds.as_bytes());
-        }
+        let Pools { a, b, src, dst } = Pools::new(tag, target);
+        create_tree(&src, rels);
         zfs(&["snapshot", "-r", &format!("{src}@s1")]);
         for r in rels {
             let ds = format!("{src}{r}");
@@ -321,13 +331,8 @@ impl Setup {
             zfs(&["create", "-o", "canmount=noauto", &b.ds("outside")]);
             zfs(&["snapshot", &format!("{}@keep", b.ds("outside"))]);
         }
-        let dst = b.ds(target);
         let zfs = FaultyZfs::new();
-        let recv = Receiver::start(
-            &dst,
-            &Certs::shared().receiver_args(),
-            &["--zfs", &zfs.script],
-        );
+        let recv = start_receiver(&dst, &zfs, 0);
         Setup {
             _a: a,
             b,
@@ -352,12 +357,17 @@ impl Setup {
         format!("{}{rel}", self.dst)
     }
 
-    fn buffer(&self, leaf: &str) -> String {
+    /// The target's buffer (`zfsyncbuffer` below a pool's root).
+    fn buffer_root(&self) -> String {
         if self.dst == self.b.name {
-            format!("{}/zfsyncbuffer/{leaf}", self.dst)
+            format!("{}/zfsyncbuffer", self.dst)
         } else {
-            format!("{}.zfsyncbuffer/{leaf}", self.dst)
+            format!("{}.zfsyncbuffer", self.dst)
         }
+    }
+
+    fn buffer(&self, leaf: &str) -> String {
+        format!("{}/{leaf}", self.buffer_root())
     }
 
     fn outside(&self) -> Vec<String> {
@@ -374,20 +384,114 @@ impl Setup {
             "{why}: the replica is not the source's\n{}",
             self.recv.log()
         );
-        let buffer = if self.dst == self.b.name {
-            format!("{}/zfsyncbuffer", self.dst)
-        } else {
-            format!("{}.zfsyncbuffer", self.dst)
-        };
+        let buffer = self.buffer_root();
         assert!(!exists(&buffer), "{why}: {buffer} is left");
     }
+
+    /// Nothing outside the target changed since `outside_before` (from
+    /// [`Setup::outside`]); then the test's figures are recorded.
+    #[track_caller]
+    fn finish(
+        &self,
+        test: &str,
+        outside_before: &[String],
+        faults: u64,
+        completed: u64,
+        lost: usize,
+    ) {
+        let outside_writes = changed(outside_before, &self.outside());
+        assert_eq!(outside_writes, 0, "{:?}", self.outside());
+        figures(test, faults, completed, lost, outside_writes);
+    }
+
+    /// A `--full` run during which the top's incremental fails wherever
+    /// it is received (in place, or into top.full after its full stream);
+    /// it exits 1.
+    fn full_run_failing_the_top_incremental(&self) -> SendRun {
+        self.zfs.fail(&format!("^receive -u {}$", lit(&self.dst)));
+        self.zfs.rule(
+            &format!("^receive -u {}$", lit(&self.buffer("top.full"))),
+            1,
+            1,
+            Act::Fail,
+        );
+        let r = self.send(&["--full"]);
+        assert_eq!(self.zfs.hits(), 1, "{}", r.dump());
+        r.assert_code(1);
+        r
+    }
+
+    /// How much of the old top (its own GUID `top`) and of its child /a
+    /// (`child`, from [`guids`]) is gone.
+    fn lost(&self, top: &str, child: &BTreeMap<String, String>) -> usize {
+        usize::from(own_guid(&self.dst) != top) + missing(child, &guids(&self.at("/a")))
+    }
+
+    /// The top, a target without snapshots, still holds its old data: no
+    /// snapshots, its own GUID `top`, the file `old`.
+    #[track_caller]
+    fn assert_old_data(&self, top: String, r: &SendRun, what: &str) {
+        assert_eq!(
+            (
+                snapshot_names(&self.dst),
+                own_guid(&self.dst),
+                read(&self.dst, "old")
+            ),
+            (Vec::new(), top, Some(b"the old data".to_vec())),
+            "{what} was swapped out before the new copy was whole\n{}\n{}",
+            r.dump(),
+            self.recv.log()
+        );
+    }
+}
+
+/// Records a test's figures for the closing hardening line.
+fn figures(test: &str, faults: u64, completed: u64, lost: usize, outside_writes: usize) {
+    record_figures(
+        test,
+        &[
+            ("faults", faults),
+            ("completed", completed),
+            ("lost", lost as u64),
+            ("outside_writes", outside_writes as u64),
+        ],
+    );
+}
+
+/// `--delete-missing` as a sender's run `run` whose datasets are `paths`
+/// asks for it: a CleanBuffer (not a dry run) over a connection of its own
+/// to the receiver on `port`.
+fn delete_missing(port: u16, run: &str, paths: Vec<String>) -> CleanReport {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut c = Client::connect(&Certs::shared().client_options(port, run))
+            .await
+            .expect("connect");
+        let r = c
+            .clean_buffer(paths, true, false)
+            .await
+            .expect("cleanbuffer");
+        c.bye().await;
+        r
+    })
+}
+
+/// `(path, reason)` of each dataset a CleanBuffer could not handle.
+fn failures(report: &CleanReport) -> Vec<(&str, &str)> {
+    report
+        .failed
+        .iter()
+        .map(|f| (f.path.as_str(), f.reason.as_str()))
+        .collect()
 }
 
 /// A fault at one step of the swap of /a (docs/design.md 4.5).
 struct Step {
     name: &'static str,
-    /// (regex, skip, times) of the calls that fail.
-    fail: Vec<(String, u32, u32)>,
+    /// The call that fails once (a regex), after `skip` matching calls
+    /// passed.
+    fail: String,
+    skip: u32,
     /// The failure the sender reports for /a; `None`: the swap itself
     /// succeeds.
     says: Option<&'static str>,
@@ -402,56 +506,37 @@ fn each_step_of_the_swap_fails_and_the_old_copy_survives() {
     s.send(&[]).assert_code(0);
     s.assert_converged("first run");
     let outside_before = s.outside();
-    let (t, buf) = (s.dst.clone(), format!("{}.zfsyncbuffer", s.dst));
+    let (t, buf) = (s.dst.clone(), s.buffer_root());
     let steps = [
         Step {
             name: "1 relist",
             // The run's listing passes; the swap's own fails.
-            fail: vec![(format!("^get .* {} {}$", lit(&t), lit(&buf)), 1, 1)],
+            fail: format!("^get .* {} {}$", lit(&t), lit(&buf)),
+            skip: 1,
             says: Some("injected fault"),
         },
         Step {
             name: "3 move a child under the new copy",
-            fail: vec![(
-                format!(
-                    "^rename {} {}$",
-                    lit(&s.at("/a/y")),
-                    lit(&s.buffer("2F61.full/y"))
-                ),
-                0,
-                1,
-            )],
+            fail: rename_re(&s.at("/a/y"), &s.buffer("2F61.full/y")),
+            skip: 0,
             says: Some("under the new copy"),
         },
         Step {
             name: "4 move the old copy aside",
-            fail: vec![(
-                format!(
-                    "^rename {} {}$",
-                    lit(&s.at("/a")),
-                    lit(&s.buffer("2F61.old"))
-                ),
-                0,
-                1,
-            )],
+            fail: rename_re(&s.at("/a"), &s.buffer("2F61.old")),
+            skip: 0,
             says: Some("aside"),
         },
         Step {
             name: "5 move the new copy in",
-            fail: vec![(
-                format!(
-                    "^rename {} {}$",
-                    lit(&s.buffer("2F61.full")),
-                    lit(&s.at("/a"))
-                ),
-                0,
-                1,
-            )],
+            fail: rename_re(&s.buffer("2F61.full"), &s.at("/a")),
+            skip: 0,
             says: Some("cannot move the new copy into place"),
         },
         Step {
             name: "6 destroy the parked copy",
-            fail: vec![(format!("^destroy -r {}$", lit(&s.buffer("2F61.old"))), 0, 1)],
+            fail: format!("^destroy -r {}$", lit(&s.buffer("2F61.old"))),
+            skip: 0,
             says: None,
         },
     ];
@@ -466,13 +551,11 @@ fn each_step_of_the_swap_fails_and_the_old_copy_survives() {
             .collect();
         s.zfs.clear_rules();
         let hits = s.zfs.hits();
-        for (re, skip, times) in &step.fail {
-            s.zfs.rule(re, *skip, *times, Act::Fail);
-        }
+        s.zfs.rule(&step.fail, step.skip, 1, Act::Fail);
         let r = s.send(&["--full"]);
         assert_eq!(
             s.zfs.hits(),
-            hits + step.fail.len(),
+            hits + 1,
             "{}: the fault was not struck\n{}",
             step.name,
             r.dump()
@@ -496,11 +579,7 @@ fn each_step_of_the_swap_fails_and_the_old_copy_survives() {
                 r.assert_code(0);
                 // The old copy stays parked, whole.
                 let parked = guids(&s.buffer("2F61.old"));
-                let old_top: BTreeMap<String, String> = before
-                    .iter()
-                    .filter(|(k, _)| !k.starts_with('/'))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                let old_top = own(&before);
                 lost += missing(&old_top, &parked);
                 assert_eq!(parked, old_top, "{}: the parked copy", step.name);
             }
@@ -531,17 +610,13 @@ fn each_step_of_the_swap_fails_and_the_old_copy_survives() {
     s.send(&["--full"]).assert_code(0);
     completed += 1;
     s.assert_converged("after the last swap");
-    let outside_writes = changed(&outside_before, &s.outside());
-    assert_eq!(outside_writes, 0, "{:?}", s.outside());
     assert_eq!(lost, 0);
-    record_figures(
+    s.finish(
         "swap_faults-steps",
-        &[
-            ("faults", faults),
-            ("completed", completed),
-            ("lost", lost as u64),
-            ("outside_writes", outside_writes as u64),
-        ],
+        &outside_before,
+        faults,
+        completed,
+        lost,
     );
 }
 
@@ -561,7 +636,7 @@ fn a_failed_listing_of_the_parked_copy_keeps_it_and_the_child_that_moved_with_it
     // Just before the old copy moves aside, someone creates a dataset
     // below it (as a transfer into a new child would).
     s.zfs.rule(
-        &format!("^rename {} {}$", lit(&s.at("/a")), lit(&parked)),
+        &rename_re(&s.at("/a"), &parked),
         0,
         1,
         Act::Before(vec![
@@ -589,13 +664,7 @@ fn a_failed_listing_of_the_parked_copy_keeps_it_and_the_child_that_moved_with_it
     );
     // The old copy itself is kept whole with it.
     let parked_now = guids(&parked);
-    let lost = missing(
-        &old.iter()
-            .filter(|(k, _)| !k.starts_with('/'))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        &parked_now,
-    );
+    let lost = missing(&own(&old), &parked_now);
     assert_eq!(lost, 0, "{parked_now:?}");
     assert!(
         s.recv
@@ -607,17 +676,7 @@ fn a_failed_listing_of_the_parked_copy_keeps_it_and_the_child_that_moved_with_it
     // The new copy is in place, with its child; the next run is fine.
     s.send(&[]).assert_code(0);
     assert_eq!(snaps(&s.at("/a")), snaps(&format!("{}/a", s.src)));
-    let outside_writes = changed(&outside_before, &s.outside());
-    assert_eq!(outside_writes, 0, "{:?}", s.outside());
-    record_figures(
-        "swap_faults-parked-listing",
-        &[
-            ("faults", 1),
-            ("completed", 1),
-            ("lost", lost as u64),
-            ("outside_writes", outside_writes as u64),
-        ],
-    );
+    s.finish("swap_faults-parked-listing", &outside_before, 1, 1, lost);
 }
 
 /// Hardening II, 5: `--full` into a target made by hand (no snapshots)
@@ -638,28 +697,9 @@ fn a_failed_fill_of_a_target_made_by_hand_keeps_its_old_data() {
     let outside_before = s.outside();
 
     // The top's incremental fails, wherever it is received.
-    s.zfs.fail(&format!("^receive -u {}$", lit(&s.dst)));
-    s.zfs.rule(
-        &format!("^receive -u {}$", lit(&s.buffer("top.full"))),
-        1,
-        1,
-        Act::Fail,
-    );
-    let r = s.send(&["--full"]);
-    assert_eq!(s.zfs.hits(), 1, "{}", r.dump());
-    r.assert_code(1);
-    let lost = usize::from(own_guid(&s.dst) != top) + missing(&child, &guids(&s.at("/a")));
-    assert_eq!(
-        (
-            snapshot_names(&s.dst),
-            own_guid(&s.dst),
-            read(&s.dst, "old")
-        ),
-        (Vec::new(), top, Some(b"the old data".to_vec())),
-        "the old target was swapped out before the new copy was whole\n{}\n{}",
-        r.dump(),
-        s.recv.log()
-    );
+    let r = s.full_run_failing_the_top_incremental();
+    let lost = s.lost(&top, &child);
+    s.assert_old_data(top, &r, "the old target");
     assert_eq!(guids(&s.at("/a")), child);
 
     s.zfs.clear_rules();
@@ -667,17 +707,7 @@ fn a_failed_fill_of_a_target_made_by_hand_keeps_its_old_data() {
     s.assert_converged("after the fault");
     assert_eq!(guids(&s.at("/a")), child, "the child was kept");
     s.send(&[]).assert_code(0);
-    let outside_writes = changed(&outside_before, &s.outside());
-    assert_eq!(outside_writes, 0, "{:?}", s.outside());
-    record_figures(
-        "swap_faults-fill-by-hand",
-        &[
-            ("faults", 1),
-            ("completed", 1),
-            ("lost", lost as u64),
-            ("outside_writes", outside_writes as u64),
-        ],
-    );
+    s.finish("swap_faults-fill-by-hand", &outside_before, 1, 1, lost);
 }
 
 /// Hardening II, 5: `--full` into a pool's root (no snapshots): its
@@ -696,24 +726,9 @@ fn a_failed_fill_of_a_pool_root_keeps_its_old_data_then_the_whole_new_copy() {
     let top = own_guid(&root);
 
     // 1. The top's incremental from the sender fails, wherever it goes.
-    s.zfs.fail(&format!("^receive -u {}$", lit(&root)));
-    s.zfs.rule(
-        &format!("^receive -u {}$", lit(&s.buffer("top.full"))),
-        1,
-        1,
-        Act::Fail,
-    );
-    let r = s.send(&["--full"]);
-    assert_eq!(s.zfs.hits(), 1, "{}", r.dump());
-    r.assert_code(1);
-    let mut lost = usize::from(own_guid(&root) != top) + missing(&child, &guids(&s.at("/a")));
-    assert_eq!(
-        (snapshot_names(&root), own_guid(&root), read(&root, "old")),
-        (Vec::new(), top, Some(b"the old data".to_vec())),
-        "the pool's root was swapped out before the new copy was whole\n{}\n{}",
-        r.dump(),
-        s.recv.log()
-    );
+    let r = s.full_run_failing_the_top_incremental();
+    let mut lost = s.lost(&top, &child);
+    s.assert_old_data(top, &r, "the pool's root");
 
     // 2. The local commit into the root: its full stream passes, its
     // incremental fails. The whole new copy stays in the buffer.
@@ -743,15 +758,7 @@ fn a_failed_fill_of_a_pool_root_keeps_its_old_data_then_the_whole_new_copy() {
     s.assert_converged("after the faults");
     assert_eq!(guids(&s.at("/a")), child, "the child was kept");
     s.send(&[]).assert_code(0);
-    record_figures(
-        "swap_faults-fill-pool-root",
-        &[
-            ("faults", 2),
-            ("completed", 1),
-            ("lost", lost as u64),
-            ("outside_writes", 0),
-        ],
-    );
+    figures("swap_faults-fill-pool-root", 2, 1, lost, 0);
 }
 
 /// Hardening II, 8 (ING6): the receiver dies right after a new replica's
@@ -775,12 +782,7 @@ fn marks_missed_by_a_crash_are_set_at_the_next_finish() {
     assert_eq!(property(&a, "zfsync:replica"), "-");
     let port = s.recv.port;
     s.recv.kill();
-    s.recv = Receiver::start_on(
-        &s.dst,
-        &Certs::shared().receiver_args(),
-        &["--zfs", &s.zfs.script],
-        port,
-    );
+    s.recv = start_receiver(&s.dst, &s.zfs, port);
 
     s.send(&[]).assert_code(0);
     s.assert_converged("after the crash");
@@ -804,31 +806,10 @@ fn marks_missed_by_a_crash_are_set_at_the_next_finish() {
     assert!(sets.is_empty(), "{sets:?}");
 
     // --delete-missing knows it now.
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let report = rt.block_on(async {
-        let mut c = Client::connect(&Certs::shared().client_options(port, "marks-delete"))
-            .await
-            .expect("connect");
-        let r = c
-            .clean_buffer(vec![String::new()], true, false)
-            .await
-            .expect("cleanbuffer");
-        c.bye().await;
-        r
-    });
+    let report = delete_missing(port, "marks-delete", vec![String::new()]);
     assert_eq!(report.deleted, ["/a"], "{report:?}\n{}", s.recv.log());
     assert!(!exists(&a));
-    let outside_writes = changed(&outside_before, &s.outside());
-    assert_eq!(outside_writes, 0, "{:?}", s.outside());
-    record_figures(
-        "swap_faults-marks",
-        &[
-            ("faults", 1),
-            ("completed", 1),
-            ("lost", 0),
-            ("outside_writes", outside_writes as u64),
-        ],
-    );
+    s.finish("swap_faults-marks", &outside_before, 1, 1, 0);
 }
 
 /// `--delete-missing` that cannot delete an orphan (its listing fails; a
@@ -850,21 +831,7 @@ fn an_orphan_that_cannot_be_deleted_is_reported() {
     ]);
     let outside_before = s.outside();
     let paths = vec![String::new(), "/a".to_string()];
-    let port = s.recv.port;
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let clean = |run: &str| {
-        rt.block_on(async {
-            let mut c = Client::connect(&Certs::shared().client_options(port, run))
-                .await
-                .expect("connect");
-            let r = c
-                .clean_buffer(paths.clone(), true, false)
-                .await
-                .expect("cleanbuffer");
-            c.bye().await;
-            r
-        })
-    };
+    let clean = |run: &str| delete_missing(s.recv.port, run, paths.clone());
 
     // 1. The fresh listing before the destroy fails.
     s.zfs.fail(&format!("^get .* {}$", lit(&gone)));
@@ -872,11 +839,7 @@ fn an_orphan_that_cannot_be_deleted_is_reported() {
     assert_eq!(s.zfs.hits(), 1);
     assert_eq!(report.orphans, ["/gone"]);
     assert!(report.deleted.is_empty());
-    let failed: Vec<(&str, &str)> = report
-        .failed
-        .iter()
-        .map(|f| (f.path.as_str(), f.reason.as_str()))
-        .collect();
+    let failed = failures(&report);
     assert!(
         matches!(failed.as_slice(), [("/gone", reason)] if reason.starts_with("cannot delete the orphaned replica")),
         "{failed:?}"
@@ -886,11 +849,7 @@ fn an_orphan_that_cannot_be_deleted_is_reported() {
     // 2. zfs refuses: a clone depends on it.
     let report = clean("orphan-2");
     assert!(report.deleted.is_empty(), "{report:?}");
-    let failed: Vec<(&str, &str)> = report
-        .failed
-        .iter()
-        .map(|f| (f.path.as_str(), f.reason.as_str()))
-        .collect();
+    let failed = failures(&report);
     assert!(
         matches!(failed.as_slice(), [("/gone", reason)]
             if reason.starts_with("cannot delete the orphaned replica") && reason.contains("dependent clones")),
@@ -899,15 +858,6 @@ fn an_orphan_that_cannot_be_deleted_is_reported() {
     );
     assert_eq!(guids(&gone), before);
     assert!(exists(&clone));
-    let outside_writes = changed(&outside_before, &s.outside());
-    assert_eq!(outside_writes, 0, "{:?}", s.outside());
-    record_figures(
-        "swap_faults-orphans",
-        &[
-            ("faults", 2),
-            ("completed", 0),
-            ("lost", missing(&before, &guids(&gone)) as u64),
-            ("outside_writes", outside_writes as u64),
-        ],
-    );
+    let lost = missing(&before, &guids(&gone));
+    s.finish("swap_faults-orphans", &outside_before, 2, 0, lost);
 }

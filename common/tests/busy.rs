@@ -4,25 +4,16 @@
 use zfsync_common::naming::DatasetName;
 use zfsync_common::zfs::{Zfs, ZfsBackend, ZfsError, BUSY_TRIES};
 
+mod support;
+
 #[tokio::test]
 async fn busy_is_retried_then_reported() {
-    let dir = std::env::temp_dir().join(format!("zfsync-busy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let calls = dir.join("calls");
-    let script = dir.join("zfs");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> '{}'\necho \"cannot $1 '$2': dataset is busy\" >&2\nexit 1\n",
-            calls.display()
-        ),
-    )
-    .unwrap();
-    std::process::Command::new("chmod")
-        .args(["+x", &script.to_string_lossy()])
-        .status()
-        .unwrap();
-    let zfs = Zfs::new(&script);
+    let stand_in = support::StandIn::new(
+        "busy",
+        "echo \"$*\" >> \"$DIR/calls\"\necho \"cannot $1 '$2': dataset is busy\" >&2\nexit 1\n",
+    );
+    let calls = stand_in.file("calls");
+    let zfs = Zfs::new(&stand_in.script);
     let a = DatasetName::new("p/a").unwrap();
     let b = DatasetName::new("p/b").unwrap();
     let err = zfs.rename(&a, &b).await.unwrap_err();
@@ -41,5 +32,4 @@ async fn busy_is_retried_then_reported() {
     // Between tries it unmounts the dataset (a mounted one is busy on
     // zfs-fuse).
     assert!(log.lines().any(|l| l == "unmount p/a"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,25 +7,13 @@ use std::time::{Duration, Instant};
 use zfsync_common::naming::{DatasetName, SnapName};
 use zfsync_common::zfs::{Zfs, ZfsBackend, ZfsError};
 
+mod support;
+
 #[tokio::test]
 async fn a_hanging_zfs_is_killed_after_the_timeout() {
-    let dir = std::env::temp_dir().join(format!("zfsync-timeout-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pidfile = dir.join("pid");
-    let script = dir.join("zfs");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho $$ > '{}'\nexec sleep 600\n",
-            pidfile.display()
-        ),
-    )
-    .unwrap();
-    std::process::Command::new("chmod")
-        .args(["+x", &script.to_string_lossy()])
-        .status()
-        .unwrap();
-    let zfs = Zfs::new(&script).with_timeout(Duration::from_millis(300));
+    let stand_in = support::StandIn::new("timeout", "echo $$ > \"$DIR/pid\"\nexec sleep 600\n");
+    let pidfile = stand_in.file("pid");
+    let zfs = Zfs::new(&stand_in.script).with_timeout(Duration::from_millis(300));
     let started = Instant::now();
     let err = zfs
         .rollback(
@@ -58,5 +46,4 @@ async fn a_hanging_zfs_is_killed_after_the_timeout() {
         "the hanging zfs (pid {}) is still running",
         pid.trim()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -85,8 +85,14 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 /// binaries under test are not affected by this lock.
 pub struct Turn(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 
+/// The file the harness's turns are taken on (see [`turn`]); a `--zfs`
+/// wrapper that acts as a person may take its turn with `flock` on it.
+pub fn turn_path() -> PathBuf {
+    std::env::temp_dir().join("zfsync-tests-zfs-admin.lock")
+}
+
 pub fn turn() -> Turn {
-    let path = std::env::temp_dir().join("zfsync-tests-zfs-admin.lock");
+    let path = turn_path();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -209,6 +215,41 @@ impl Drop for Pool {
             std::thread::sleep(Duration::from_millis(250));
         }
         let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// Two pools of a test's own: the sending host's, with the source `src`
+/// (`<a>/src`), and the receiving host's, with the target `dst`
+/// (`<b>/<target>`, `<b>` itself for `""`). Neither dataset is made here.
+pub struct Pools {
+    pub a: Pool,
+    pub b: Pool,
+    pub src: String,
+    pub dst: String,
+}
+
+impl Pools {
+    pub fn new(tag: &str, target: &str) -> Pools {
+        let a = Pool::new(tag);
+        let b = Pool::new(tag);
+        let src = a.ds("src");
+        let dst = b.ds(target);
+        Pools { a, b, src, dst }
+    }
+
+    /// The names of the source and of the target.
+    pub fn names(&self) -> (String, String) {
+        (self.src.clone(), self.dst.clone())
+    }
+}
+
+/// Creates `top` and the datasets at `rels` below it (parents first; `""`
+/// is `top` itself), each with a file `f` holding its own name.
+pub fn create_tree(top: &str, rels: &[&str]) {
+    for r in rels {
+        let ds = format!("{top}{r}");
+        zfs(&["create", &ds]);
+        write_file(&ds, "f", ds.as_bytes());
     }
 }
 
@@ -376,6 +417,32 @@ impl Receiver {
         }
     }
 
+    /// How many `zfs receive` the receiver has started (the `spawning
+    /// argv=` lines of its log) whose line names any of `names` (any
+    /// receive if `names` is empty).
+    pub fn receives_started(&self, names: &[&str]) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("spawning argv=") && l.contains("receive"))
+            .filter(|l| names.is_empty() || names.iter().any(|n| l.contains(n)))
+            .count()
+    }
+
+    /// Waits (a minute at most) until the receiver has started `n` such
+    /// receives.
+    #[track_caller]
+    pub fn wait_for_receives(&self, n: usize, names: &[&str]) {
+        let start = Instant::now();
+        while self.receives_started(names) < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "receive #{n} of {names:?} did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -476,6 +543,198 @@ pub fn send(tls: &[String], args: &[&str]) -> SendRun {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         argv,
     }
+}
+
+/// A `zfsync-send` started in the background, its output collected.
+pub struct RunningSend {
+    child: Child,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+    argv: String,
+}
+
+fn collect(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Starts `zfsync-send` with the given TLS and other arguments, in the
+/// background.
+pub fn spawn_send(tls: &[String], args: &[&str]) -> RunningSend {
+    let mut child = Command::new(bin("zfsync-send"))
+        .args(tls)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start zfsync-send");
+    let stdout = collect(child.stdout.take().expect("stdout"));
+    let stderr = collect(child.stderr.take().expect("stderr"));
+    RunningSend {
+        child,
+        stdout,
+        stderr,
+        argv: format!("zfsync-send {} {}", tls.join(" "), args.join(" ")),
+    }
+}
+
+impl RunningSend {
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        run("kill", &[&format!("-{sig}"), &self.child.id().to_string()]);
+    }
+
+    /// SIGKILL, and waits for the exit.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL zfsync-send");
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the exit (at most `within`, else kills it and fails): the
+    /// finished run, and how long the wait took.
+    #[track_caller]
+    pub fn finish_within(mut self, within: Duration) -> (SendRun, Duration) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break Some(st);
+            }
+            if start.elapsed() > within {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = start.elapsed();
+        let run = SendRun {
+            code: status.and_then(|s| s.code()).unwrap_or(-1),
+            stdout: self.stdout.join().unwrap_or_default(),
+            stderr: self.stderr.join().unwrap_or_default(),
+            argv: self.argv,
+        };
+        assert!(
+            status.is_some(),
+            "zfsync-send did not exit within {within:?}:\n{}",
+            run.dump()
+        );
+        (run, took)
+    }
+}
+
+/// The processes whose command line matches `pattern` (`pgrep -a -f`), one
+/// a line with its pid; empty if none.
+pub fn processes(pattern: &str) -> String {
+    let out = Command::new("pgrep")
+        .args(["-a", "-f", pattern])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until no process matches `pattern` (see [`processes`]); fails
+/// after `within` (at once for zero), naming `what` and those left.
+#[track_caller]
+pub fn wait_until_no_process(pattern: &str, within: Duration, what: &str) {
+    let start = Instant::now();
+    loop {
+        let left = processes(pattern);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what} still running after {within:?}:\n{left}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `zfs send ARGS` into memory.
+pub fn send_bytes(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(zfs_path())
+        .arg("send")
+        .args(args)
+        .output()
+        .expect("zfs send");
+    assert!(
+        out.status.success(),
+        "zfs send {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Announces a stream to `to` (from the base `from`, if any), sends `data`
+/// as it is in frames whose sizes cycle through `sizes`, and ends it saying
+/// `end_bytes` were sent: the receiver's answer, or the error as text.
+pub async fn raw_stream(
+    c: &mut zfsync_common::client::Client,
+    from: Option<u64>,
+    to: &zfsync_common::zfs::Snapshot,
+    data: &[u8],
+    sizes: &[usize],
+    end_bytes: u64,
+) -> Result<u64, String> {
+    c.begin_stream(from, to).await.map_err(|e| e.to_string())?;
+    let mut rest = data;
+    for size in sizes.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let n = (*size).min(rest.len());
+        c.connection()
+            .send_data(zfsync_common::protocol::Bytes::copy_from_slice(&rest[..n]))
+            .await
+            .map_err(|e| e.to_string())?;
+        rest = &rest[n..];
+    }
+    c.end_stream(end_bytes).await.map_err(|e| e.to_string())
+}
+
+/// A `--zfs` wrapper script `name` in `dir`: a call for which the bash
+/// test `when` holds (the call's arguments are `"$@"`, `$1` its
+/// subcommand) runs `then` instead (which exits, or execs); every other
+/// call runs the real zfs. Returns the script's path.
+pub fn zfs_wrapper(dir: &TempDir, name: &str, when: &str, then: &str) -> String {
+    let script = dir.path().join(name);
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nif {when}; then\n{then}\nfi\nexec {zfs} \"$@\"\n",
+            zfs = zfs_path()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("write {}: {e}", script.display()));
+    run("chmod", &["+x", &script.to_string_lossy()]);
+    script.to_string_lossy().into_owned()
+}
+
+/// A `--zfs` whose `zfs CALL` with at least `min_args` arguments (the
+/// subcommand counted) fails, saying `message` on stderr (it may name the
+/// call's arguments: `$2`, `$3`, ...).
+pub fn failing_zfs(dir: &TempDir, call: &str, min_args: usize, message: &str) -> String {
+    zfs_wrapper(
+        dir,
+        &format!("{call}-fails"),
+        &format!("[ \"$1\" = {call} ] && [ $# -ge {min_args} ]"),
+        &format!("  echo \"{message}\" >&2\n  exit 1"),
+    )
+}
+
+/// A `--zfs` whose `zfs CALL` hangs while the file `flag` exists: it
+/// becomes a `sleep 600` named `marker` (for pgrep), until killed.
+pub fn hanging_zfs(dir: &TempDir, call: &str, flag: &Path, marker: &str) -> String {
+    zfs_wrapper(
+        dir,
+        &format!("{call}-hangs"),
+        &format!("[ \"$1\" = {call} ] && [ -e '{}' ]", flag.display()),
+        &format!("  exec -a {marker} sleep 600"),
+    )
 }
 
 /// A `--zfs` wrapper that logs every call, one line each, then runs zfs.
@@ -693,35 +952,61 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 /// A `--zfs` for a sender whose `zfs send` output trickles at about 1 MiB/s,
 /// so that a test can strike while a stream flows.
 pub fn slow_zfs(dir: &TempDir) -> String {
-    let script = dir.path().join("slow-zfs");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/bash\nset -o pipefail\nif [ \"$1\" = send ]; then\n  tmp=$(mktemp)\n  {zfs} \"$@\" | while :; do\n    dd bs=65536 count=1 iflag=fullblock of=\"$tmp\" status=none || break\n    [ -s \"$tmp\" ] || break\n    cat \"$tmp\" || break\n    sleep 0.05\n  done\n  rc=$?\n  rm -f \"$tmp\"\n  exit $rc\nfi\nexec {zfs} \"$@\"\n",
-            zfs = zfs_path()
-        ),
+    zfs_wrapper(
+        dir,
+        "slow-zfs",
+        "[ \"$1\" = send ]",
+        &trickle(65536, None, false),
     )
-    .expect("write slow zfs");
-    run("chmod", &["+x", &script.to_string_lossy()]);
-    script.to_string_lossy().into_owned()
+}
+
+/// [`slow_zfs`] with SIGPIPE ignored: when the sender is killed, `zfs send`
+/// then fails on the broken pipe and releases its temporary holds.
+/// zfs-fuse's `zfs send` killed by a signal leaves its
+/// `.send-<pid>-<time>` holds behind for good; OpenZFS releases them when
+/// the process ends. Those stray holds would keep the very snapshots a test
+/// of retention is about.
+pub fn slow_zfs_clean_cut(dir: &TempDir) -> String {
+    zfs_wrapper(
+        dir,
+        "slow-zfs",
+        "[ \"$1\" = send ]",
+        &trickle(65536, None, true),
+    )
 }
 
 /// A `--zfs` whose `zfs send` output passes in `chunk`-byte pieces every
 /// 50 ms, counting the pieces in `progress` (so a test can strike at a
 /// known point of a large stream).
 pub fn throttled_zfs(dir: &TempDir, chunk: usize, progress: &Path) -> String {
-    let script = dir.path().join("throttled-zfs");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/bash\nset -o pipefail\nif [ \"$1\" = send ] && [ \"$2\" != -n ]; then\n  tmp=$(mktemp)\n  n=0\n  {zfs} \"$@\" | while :; do\n    dd bs={chunk} count=1 iflag=fullblock of=\"$tmp\" status=none || break\n    [ -s \"$tmp\" ] || break\n    cat \"$tmp\" || break\n    n=$((n+1)); echo $n > '{progress}'\n    sleep 0.05\n  done\n  rc=$?\n  rm -f \"$tmp\"\n  exit $rc\nfi\nexec {zfs} \"$@\"\n",
-            zfs = zfs_path(),
-            progress = progress.display(),
-        ),
+    zfs_wrapper(
+        dir,
+        "throttled-zfs",
+        "[ \"$1\" = send ] && [ \"$2\" != -n ]",
+        &trickle(chunk, Some(progress), false),
     )
-    .expect("write throttled zfs");
-    run("chmod", &["+x", &script.to_string_lossy()]);
-    script.to_string_lossy().into_owned()
+}
+
+/// Bash that runs the real `zfs "$@"` (a send) and lets its output through
+/// in `chunk`-byte pieces every 50 ms, counting them in `progress` if given
+/// and ignoring SIGPIPE if `ignore_sigpipe`; it exits as the pipeline did.
+fn trickle(chunk: usize, progress: Option<&Path>, ignore_sigpipe: bool) -> String {
+    let trap = if ignore_sigpipe {
+        "  trap '' PIPE\n"
+    } else {
+        ""
+    };
+    let (count, counted) = match progress {
+        Some(p) => (
+            "  n=0\n",
+            format!("    n=$((n+1)); echo $n > '{}'\n", p.display()),
+        ),
+        None => ("", String::new()),
+    };
+    format!(
+        "  set -o pipefail\n{trap}  tmp=$(mktemp)\n{count}  {zfs} \"$@\" | while :; do\n    dd bs={chunk} count=1 iflag=fullblock of=\"$tmp\" status=none || break\n    [ -s \"$tmp\" ] || break\n    cat \"$tmp\" || break\n{counted}    sleep 0.05\n  done\n  rc=$?\n  rm -f \"$tmp\"\n  exit $rc",
+        zfs = zfs_path()
+    )
 }
 
 /// A real OpenZFS (kernel module) is what runs here: the OpenZFS tier's

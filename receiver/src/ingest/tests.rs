@@ -51,6 +51,16 @@ fn stream(from_guid: Option<u64>, to: &str, guid: u64, createtxg: u64) -> Stream
     }
 }
 
+/// The sender's s3 as a full stream.
+fn full_s3() -> StreamRequest {
+    stream(None, "s3", 13, 103)
+}
+
+/// The sender's s3 as an incremental from s2.
+fn s2_to_s3() -> StreamRequest {
+    stream(Some(12), "s3", 13, 103)
+}
+
 fn check(t: &Target, o: &Open, req: &StreamRequest) -> Result<(u64, bool), String> {
     check_stream(t, o, req)
         .map(|p| (p.from_guid, p.overwrite))
@@ -61,10 +71,7 @@ fn check(t: &Target, o: &Open, req: &StreamRequest) -> Result<(u64, bool), Strin
 fn an_incremental_must_start_from_the_newest_snapshot() {
     let t = target();
     let o = open(&t, "p/t/a", Mode::Direct, false);
-    assert_eq!(
-        check(&t, &o, &stream(Some(12), "s3", 13, 103)),
-        Ok((12, false))
-    );
+    assert_eq!(check(&t, &o, &s2_to_s3()), Ok((12, false)));
     assert_eq!(
         check(&t, &o, &stream(Some(11), "s3", 13, 103)),
         Err("the stream's base is not the newest snapshot of p/t/a".into())
@@ -74,7 +81,7 @@ fn an_incremental_must_start_from_the_newest_snapshot() {
         Err("@s2 is not newer than @s2".into())
     );
     assert_eq!(
-        check(&t, &o, &stream(None, "s3", 13, 103)),
+        check(&t, &o, &full_s3()),
         Err("p/t/a exists: a full stream cannot be received into it".into())
     );
 }
@@ -100,22 +107,19 @@ fn only_announced_snapshots_with_valid_names() {
 fn a_full_stream_only_into_nothing_or_an_overwrite() {
     let t = target();
     let o = open(&t, "p/t/new", Mode::Direct, false);
-    assert_eq!(check(&t, &o, &stream(None, "s3", 13, 103)), Ok((0, false)));
+    assert_eq!(check(&t, &o, &full_s3()), Ok((0, false)));
     assert_eq!(
-        check(&t, &o, &stream(Some(12), "s3", 13, 103)),
+        check(&t, &o, &s2_to_s3()),
         Err("p/t/new does not exist: send a full stream first".into())
     );
     let direct = open(&t, "p/t/e", Mode::Direct, false);
     assert_eq!(
-        check(&t, &direct, &stream(None, "s3", 13, 103)),
+        check(&t, &direct, &full_s3()),
         Err("p/t/e exists: a full stream cannot be received into it".into())
     );
     drop(direct);
     let over = open(&t, "p/t/e", Mode::Overwrite, false);
-    assert_eq!(
-        check(&t, &over, &stream(None, "s3", 13, 103)),
-        Ok((0, true))
-    );
+    assert_eq!(check(&t, &over, &full_s3()), Ok((0, true)));
 }
 
 #[test]
@@ -124,7 +128,7 @@ fn a_resumed_stream_only_after_an_offer() {
     let o = open(&t, "p/t/e", Mode::Direct, false);
     let resumed = StreamRequest {
         resume: true,
-        ..stream(None, "s3", 13, 103)
+        ..full_s3()
     };
     assert_eq!(
         check(&t, &o, &resumed),
@@ -135,7 +139,7 @@ fn a_resumed_stream_only_after_an_offer() {
     // A cut full stream goes on into the dataset it created.
     assert_eq!(check(&t, &offered, &resumed), Ok((0, false)));
     assert_eq!(
-        check(&t, &offered, &stream(None, "s3", 13, 103)),
+        check(&t, &offered, &full_s3()),
         Err("p/t/e holds a cut transfer: resume it first".into())
     );
 }
@@ -145,13 +149,10 @@ fn the_base_may_be_a_bookmark() {
     let t = target();
     let mut o = open(&t, "p/t/a", Mode::Direct, false);
     o.announced.retain(|s| s.guid != 12);
-    assert_eq!(
-        check(&t, &o, &stream(Some(12), "s3", 13, 103)),
-        Ok((12, false))
-    );
+    assert_eq!(check(&t, &o, &s2_to_s3()), Ok((12, false)));
     o.bookmarks.clear();
     assert_eq!(
-        check(&t, &o, &stream(Some(12), "s3", 13, 103)),
+        check(&t, &o, &s2_to_s3()),
         Err("@s3 is not newer than @s2".into())
     );
 }
@@ -193,7 +194,7 @@ fn data(len: usize) -> Frame {
 async fn run(frames: Vec<Frame>) -> (Result<u64, IngestError>, Script) {
     let t = target();
     let o = open(&t, "p/t/new", Mode::Direct, false);
-    let plan = check_stream(&t, &o, &stream(None, "s3", 13, 103)).unwrap();
+    let plan = check_stream(&t, &o, &full_s3()).unwrap();
     let mut script = Script(frames.into());
     let got = receive(&t, &mut script, "test", &Caps::default(), &o, &plan).await;
     (got, script)
@@ -326,25 +327,28 @@ async fn records_after_the_head_are_checked_before_zfs_starts() {
 async fn bytes_before_the_head_are_bounded() {
     let t = target();
     let o = open(&t, "p/t/new", Mode::Direct, false);
-    let plan = check_stream(&t, &o, &stream(None, "s3", 13, 103)).unwrap();
+    let plan = check_stream(&t, &o, &full_s3()).unwrap();
     let mut head = begin(2, 0, 0, 0, "src/a@s3");
     head.extend(end_record());
     head.extend(begin(1, 0, 13, 0, "src/a@s3"));
     let to = plan.to.clone();
     let announced = o.announced.clone();
+    let validator = || {
+        Validator::new(Expect {
+            from_guid: 0,
+            from_createtxg: 0,
+            to: &to,
+            announced: &announced,
+            allow: Allow::default(),
+        })
+    };
     let mut feed = Feed {
         target: &t,
         peer: "test",
         peer_caps: &Caps::default(),
         dest: &o.dest,
         plan: &plan,
-        validator: Validator::new(Expect {
-            from_guid: 0,
-            from_createtxg: 0,
-            to: &to,
-            announced: &announced,
-            allow: Allow::default(),
-        }),
+        validator: validator(),
         early: Vec::new(),
         running: None,
         refused: None,
@@ -362,13 +366,7 @@ async fn bytes_before_the_head_are_bounded() {
     // Garbage instead of the last byte's record: refused, and the kept
     // bytes are freed; what follows is only counted.
     let mut bad = Feed {
-        validator: Validator::new(Expect {
-            from_guid: 0,
-            from_createtxg: 0,
-            to: &to,
-            announced: &announced,
-            allow: Allow::default(),
-        }),
+        validator: validator(),
         early: Vec::new(),
         total: 0,
         ..feed

@@ -5,7 +5,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::*;
 use crate::naming::{DatasetName, SnapshotName};
 use crate::stream::{check_head, HEAD_MAX};
-use crate::zfs::{RecvSpec, ResumeInfo, SendFrom, SendWhat, ZfsBackend, ZfsError, BUSY_TRIES};
+use crate::zfs::{
+    RecvSpec, ResumeInfo, SendFrom, SendWhat, ZfsBackend, ZfsChild, ZfsError, BUSY_TRIES,
+};
 
 fn dn(s: &str) -> DatasetName {
     DatasetName::new(s).unwrap()
@@ -46,7 +48,8 @@ async fn pipe(
     (send.close().await, recv.close().await)
 }
 
-async fn stream_of(src: &FakeZfs, what: &SendWhat) -> Vec<u8> {
+/// What `zfs send` wrote, and its exit.
+async fn read_send(src: &FakeZfs, what: &SendWhat) -> (Vec<u8>, Result<(), ZfsError>) {
     let mut send = src.spawn_send(what, &[]).unwrap();
     let mut bytes = Vec::new();
     send.take_stdout()
@@ -54,8 +57,39 @@ async fn stream_of(src: &FakeZfs, what: &SendWhat) -> Vec<u8> {
         .read_to_end(&mut bytes)
         .await
         .unwrap();
-    send.close().await.unwrap();
+    (bytes, send.close().await)
+}
+
+/// The stream of a `zfs send` that succeeds.
+async fn stream_of(src: &FakeZfs, what: &SendWhat) -> Vec<u8> {
+    let (bytes, closed) = read_send(src, what).await;
+    closed.unwrap();
     bytes
+}
+
+/// A `zfs receive` into `dest` that has been given `bytes`, its input
+/// closed; not waited for.
+async fn fed(dst: &FakeZfs, dest: &str, spec: &RecvSpec, bytes: &[u8]) -> ZfsChild {
+    let mut recv = dst.spawn_receive(&dn(dest), spec).unwrap();
+    let mut w = recv.take_stdin().unwrap();
+    w.write_all(bytes).await.unwrap();
+    drop(w);
+    recv
+}
+
+/// The error of a call that found its dataset busy at every try.
+#[track_caller]
+fn assert_busy_at_every_try(e: &ZfsError) {
+    assert!(
+        matches!(
+            e,
+            ZfsError::Busy {
+                tries: BUSY_TRIES,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 /// `p/a` with snapshots s1..s3, `q` empty.
@@ -70,6 +104,16 @@ fn pair() -> (FakeZfs, FakeZfs, Vec<Snapshot>) {
     let dst = FakeZfs::zfs_fuse();
     dst.create_pool("q");
     (src, dst, snaps.to_vec())
+}
+
+/// [`pair`], `p/a@s1` received as `q/a`.
+async fn pair_with_s1_received() -> (FakeZfs, FakeZfs) {
+    let (src, dst, _) = pair();
+    pipe(&src, &full("p/a@s1"), &dst, "q/a", &RecvSpec::default())
+        .await
+        .1
+        .unwrap();
+    (src, dst)
 }
 
 #[tokio::test]
@@ -103,18 +147,9 @@ async fn full_send_recreates_snapshots_with_their_guids() {
         "{e}"
     );
     // A snapshot that does not exist: zfs send fails, writes nothing.
-    let mut send = src.spawn_send(&full("p/a@nope"), &[]).unwrap();
-    let mut bytes = Vec::new();
-    send.take_stdout()
-        .unwrap()
-        .read_to_end(&mut bytes)
-        .await
-        .unwrap();
+    let (bytes, closed) = read_send(&src, &full("p/a@nope")).await;
     assert!(bytes.is_empty());
-    assert!(matches!(
-        send.close().await,
-        Err(ZfsError::DoesNotExist { .. })
-    ));
+    assert!(matches!(closed, Err(ZfsError::DoesNotExist { .. })));
 }
 
 #[tokio::test]
@@ -162,20 +197,15 @@ async fn incremental_package_applies_every_snapshot() {
 async fn truncated_or_aborted_streams_change_nothing() {
     let (src, dst, _) = pair();
     let bytes = stream_of(&src, &full("p/a@s1")).await;
-    let mut recv = dst.spawn_receive(&dn("q/a"), &RecvSpec::default()).unwrap();
-    let mut w = recv.take_stdin().unwrap();
-    w.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
-    drop(w);
+    let spec = RecvSpec::default();
+    let mut recv = fed(&dst, "q/a", &spec, &bytes[..bytes.len() / 2]).await;
     let e = recv.close().await.unwrap_err();
     assert!(e.to_string().contains("invalid backup stream"), "{e}");
     assert_eq!(dst.names(), ["q"]);
     // Aborted while the receive waits to apply: nothing either, and the
     // destination is no longer busy.
     dst.delay_receive(Duration::from_millis(200));
-    let mut recv = dst.spawn_receive(&dn("q/a"), &RecvSpec::default()).unwrap();
-    let mut w = recv.take_stdin().unwrap();
-    w.write_all(&bytes).await.unwrap();
-    drop(w);
+    let mut recv = fed(&dst, "q/a", &spec, &bytes).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     recv.abort().await;
     assert_eq!(dst.names(), ["q"]);
@@ -184,29 +214,12 @@ async fn truncated_or_aborted_streams_change_nothing() {
 
 #[tokio::test]
 async fn a_running_receive_makes_its_destination_busy() {
-    let (src, dst, _) = pair();
-    let spec = RecvSpec::default();
-    pipe(&src, &full("p/a@s1"), &dst, "q/a", &spec)
-        .await
-        .1
-        .unwrap();
+    let (src, dst) = pair_with_s1_received().await;
     dst.delay_receive(Duration::from_millis(300));
     let bytes = stream_of(&src, &incr("p/a@s1", "p/a@s2")).await;
-    let mut recv = dst.spawn_receive(&dn("q/a"), &spec).unwrap();
-    let mut w = recv.take_stdin().unwrap();
-    w.write_all(&bytes).await.unwrap();
-    drop(w);
+    let mut recv = fed(&dst, "q/a", &RecvSpec::default(), &bytes).await;
     let e = dst.rename(&dn("q/a"), &dn("q/b")).await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            ZfsError::Busy {
-                tries: BUSY_TRIES,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert_busy_at_every_try(&e);
     assert!(dst.destroy_recursive(&dn("q")).await.unwrap_err().is_busy());
     recv.close().await.unwrap();
     assert_eq!(dst.snapshots("q/a").len(), 2);
@@ -215,12 +228,8 @@ async fn a_running_receive_makes_its_destination_busy() {
 
 #[tokio::test]
 async fn modified_destination_refuses_incrementals_until_rolled_back() {
-    let (src, dst, _) = pair();
+    let (src, dst) = pair_with_s1_received().await;
     let spec = RecvSpec::default();
-    pipe(&src, &full("p/a@s1"), &dst, "q/a", &spec)
-        .await
-        .1
-        .unwrap();
     dst.write("q/a");
     let (_, r) = pipe(&src, &incr("p/a@s1", "p/a@s2"), &dst, "q/a", &spec).await;
     let e = r.unwrap_err();
@@ -256,13 +265,7 @@ async fn holds_block_destroy_until_released() {
         .unwrap_err();
     assert!(e.is_busy());
     let e = src.destroy_recursive(&dn("p/a")).await.unwrap_err();
-    assert!(matches!(
-        e,
-        ZfsError::Busy {
-            tries: BUSY_TRIES,
-            ..
-        }
-    ));
+    assert_busy_at_every_try(&e);
     assert_eq!(src.holds("p/a@s1"), ["keep"]);
     // zfs-fuse cannot list holds: nothing to release by tag.
     src.release_tag_under("keep", &dn("p")).await.unwrap();
@@ -352,16 +355,7 @@ async fn injected_faults_fail_the_next_calls_only() {
     src.fail("rename", "p/a", 2, FakeError::Busy);
     for _ in 0..2 {
         let e = src.rename(&dn("p/a"), &dn("p/b")).await.unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ZfsError::Busy {
-                    tries: BUSY_TRIES,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert_busy_at_every_try(&e);
     }
     src.rename(&dn("p/a"), &dn("p/b")).await.unwrap();
     assert_eq!(src.calls().last().unwrap(), "rename p/a p/b");

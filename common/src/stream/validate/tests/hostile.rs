@@ -290,10 +290,7 @@ fn hostile_streams_are_refused_where_they_go_wrong() {
         "a huge raw payload",
         b.bytes(),
         Expect {
-            allow: Allow {
-                raw: true,
-                ..Allow::default()
-            },
+            allow: allow_raw(),
             ..e(Some(10), 11)
         },
         "carries a 1048576-byte payload".into(),
@@ -307,10 +304,7 @@ fn hostile_streams_are_refused_where_they_go_wrong() {
         "a resumed substream after the first",
         b.bytes(),
         Expect {
-            allow: Allow {
-                resumed: true,
-                ..Allow::default()
-            },
+            allow: allow_resumed(),
             ..e(Some(10), 12)
         },
         format!("a resumed substream at byte {at}"),

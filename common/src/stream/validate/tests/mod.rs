@@ -33,6 +33,29 @@ fn expect<'a>(snaps: &'a [Snapshot], from: Option<u64>, to: u64) -> Expect<'a> {
     }
 }
 
+/// [`Allow`] with only `resumed` (`zfs send -t`), `raw` (`-w`) or
+/// `compressed` (`-c`) set.
+fn allow_resumed() -> Allow {
+    Allow {
+        resumed: true,
+        ..Allow::default()
+    }
+}
+
+fn allow_raw() -> Allow {
+    Allow {
+        raw: true,
+        ..Allow::default()
+    }
+}
+
+fn allow_compressed() -> Allow {
+    Allow {
+        compressed: true,
+        ..Allow::default()
+    }
+}
+
 fn name(guid: u64) -> String {
     format!("{DS}@s{}", guid - 10)
 }
@@ -153,10 +176,7 @@ fn honest_streams_pass_in_every_split_and_byte_order() {
                 "a resumed stream",
                 resumed.bytes(),
                 Expect {
-                    allow: Allow {
-                        resumed: true,
-                        ..Allow::default()
-                    },
+                    allow: allow_resumed(),
                     ..expect(&s, Some(12), 13)
                 },
                 false,
@@ -165,10 +185,7 @@ fn honest_streams_pass_in_every_split_and_byte_order() {
                 "a raw -I package",
                 raw.bytes(),
                 Expect {
-                    allow: Allow {
-                        raw: true,
-                        ..Allow::default()
-                    },
+                    allow: allow_raw(),
                     ..expect(&s, Some(10), 12)
                 },
                 true,
@@ -177,10 +194,7 @@ fn honest_streams_pass_in_every_split_and_byte_order() {
                 "a compressed stream",
                 compressed.bytes(),
                 Expect {
-                    allow: Allow {
-                        compressed: true,
-                        ..Allow::default()
-                    },
+                    allow: allow_compressed(),
                     ..expect(&s, None, 11)
                 },
                 false,
