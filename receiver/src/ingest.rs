@@ -329,7 +329,32 @@ struct Feed<'a> {
     features: u64,
 }
 
-impl Feed<'_> {
+impl<'a> Feed<'a> {
+    /// A stream about to arrive, nothing received yet.
+    fn new(
+        target: &'a Target,
+        peer: &'a str,
+        peer_caps: &'a Caps,
+        dest: &'a DatasetName,
+        plan: &'a Planned,
+        validator: Validator<'a>,
+    ) -> Feed<'a> {
+        Feed {
+            target,
+            peer,
+            peer_caps,
+            dest,
+            plan,
+            validator,
+            early: Vec::new(),
+            running: None,
+            refused: None,
+            pending: None,
+            total: 0,
+            features: 0,
+        }
+    }
+
     /// A data frame: validated, then held back while the one before it
     /// goes to `zfs receive` (started once the head passed). An empty
     /// frame is a protocol error.
@@ -504,20 +529,14 @@ pub(crate) async fn receive(
             compressed: path.compressed,
         },
     };
-    let mut feed = Feed {
+    let mut feed = Feed::new(
         target,
         peer,
         peer_caps,
-        dest: &open.dest,
+        &open.dest,
         plan,
-        validator: Validator::new(expect),
-        early: Vec::new(),
-        running: None,
-        refused: None,
-        pending: None,
-        total: 0,
-        features: 0,
-    };
+        Validator::new(expect),
+    );
     loop {
         let frame = match frames.next_frame().await {
             Ok(Some(f)) => f,

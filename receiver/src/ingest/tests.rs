@@ -342,20 +342,8 @@ async fn bytes_before_the_head_are_bounded() {
             allow: Allow::default(),
         })
     };
-    let mut feed = Feed {
-        target: &t,
-        peer: "test",
-        peer_caps: &Caps::default(),
-        dest: &o.dest,
-        plan: &plan,
-        validator: validator(),
-        early: Vec::new(),
-        running: None,
-        refused: None,
-        pending: None,
-        total: 0,
-        features: 0,
-    };
+    let caps = Caps::default();
+    let mut feed = Feed::new(&t, "test", &caps, &o.dest, &plan, validator());
     // One byte a frame, all but the last of the head: still undecided.
     for b in &head[..HEAD_MAX - 1] {
         feed.data(Bytes::copy_from_slice(&[*b])).await.unwrap();
