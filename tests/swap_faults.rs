@@ -858,6 +858,29 @@ fn an_orphan_that_cannot_be_deleted_is_reported() {
     );
     assert_eq!(guids(&gone), before);
     assert!(exists(&clone));
+
+    // 3. The real sender, after the source dataset is gone: the failure
+    // reaches its summary and its exit status.
+    // (The sender holds its confirmed base: release it first, as README
+    // says.)
+    let tag = format!("zfsync_127.0.0.1_{}", s.recv.port);
+    zfs(&["release", &tag, &format!("{}/gone@s2", s.src)]);
+    let src_gone = format!("{}/gone", s.src);
+    let _ = zfs_try(&["unmount", &src_gone]);
+    let mut destroyed = false;
+    for _ in 0..50 {
+        if zfs_try(&["destroy", "-r", &src_gone]).0 {
+            destroyed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(destroyed, "cannot destroy {src_gone}");
+    let run = s.send(&["--delete-missing"]);
+    run.assert_code(1)
+        .assert_stdout_has("NOT deleted on the receiver: /gone: cannot delete the orphaned replica")
+        .assert_stdout_has("1 orphan(s) not deleted (see above)");
+    assert_eq!(guids(&gone), before);
     let lost = missing(&before, &guids(&gone));
-    s.finish("swap_faults-orphans", &outside_before, 2, 0, lost);
+    s.finish("swap_faults-orphans", &outside_before, 3, 0, lost);
 }
