@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -34,6 +34,8 @@ use tokio::sync::Notify;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use crate::state::lock;
 
 /// Where unauthenticated connections come from, as far as budgets go: an
 /// IPv6 host usually has a whole /64 to choose addresses from.
@@ -188,10 +190,6 @@ impl Places {
         self.last_report = Some(now);
         Some(std::mem::take(&mut self.closed))
     }
-}
-
-fn lock(m: &Mutex<Places>) -> MutexGuard<'_, Places> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The handshake places of the receiver.

@@ -57,13 +57,13 @@ pub(crate) async fn finish(
         // overwritten dataset is one zfsync did not create.)
         ensure_marks(target, &open.dest).await;
     }
-    if let Some(newest) = open.announced.last() {
-        // Before the mirrored retention, which may destroy the
-        // previously held snapshot.
-        move_hold(target, &open.dest, newest).await;
-    }
     match &open.mode {
         Mode::Direct | Mode::Overwrite => {
+            if let Some(newest) = open.announced.last() {
+                // Before the mirrored retention, which may destroy the
+                // previously held snapshot.
+                move_hold(target, &open.dest, newest).await;
+            }
             remove_stale_full(target, &open.rel).await;
             Ok(Finished {
                 location: open.dest.to_string(),
@@ -74,9 +74,8 @@ pub(crate) async fn finish(
         Mode::Replace { replaces } => {
             replace::replace(target, peer, &open.dest, replaces, &open.rel).await?;
             if let Some(newest) = open.announced.last() {
-                // A pool's root was filled, not renamed: its newest
-                // snapshot has no hold yet (elsewhere it moved along and
-                // this costs no call).
+                // Held once the new copy is in place (not on the
+                // temporary copy, which a pool root's fill destroys).
                 move_hold(target, replaces, newest).await;
             }
             Ok(Finished {

@@ -215,7 +215,7 @@ impl Drop for DatasetLock {
 
 /// A poisoned lock only means another task panicked mid-update of a plain
 /// map; the map itself is still usable.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

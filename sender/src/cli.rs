@@ -156,7 +156,7 @@ async fn run(args: Args) -> u8 {
                     format!("--snapshot {c:?}: give S, M, H, D or auto"),
                 );
             };
-            Some((class, now.format("%y%m%d-%H%M%S").to_string()))
+            Some((class, crate::run::tool_stamp(&now)))
         }
     };
     let nanos = SystemTime::now()
@@ -203,7 +203,6 @@ async fn run(args: Args) -> u8 {
             }
             report.exit_code()
         }
-        Err(e @ SendError::Connect(_)) => fail(exit::UNREACHABLE, e),
         Err(e @ SendError::Snapshot(..)) => fail(exit::FAILED, e),
         // No source, or `zfs` cannot list it: nothing was done.
         Err(e) => fail(exit::USAGE, e),

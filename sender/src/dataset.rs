@@ -40,11 +40,14 @@ pub(crate) async fn sync(
     } else {
         &[]
     };
+    // A dry run ends at the first answer, so the one request serves the
+    // re-sync after a resume too.
     let request = SyncRequest::new(&job.rel, snaps)
         .bookmarks(bookmarks)
-        .allow_full(opts.allow_full);
+        .allow_full(opts.allow_full)
+        .dry_run(opts.dry_run);
     let mut reply = client
-        .sync(&request.clone().dry_run(opts.dry_run))
+        .sync(&request)
         .await
         .map_err(DatasetError::Connection)?;
     // A transfer cut in an earlier run: go on from where it stopped.
@@ -73,7 +76,7 @@ pub(crate) async fn sync(
         .map_err(DatasetError::Connection)?;
     }
     if opts.dry_run {
-        if let Some(what) = dry_run_plan(&reply, snaps) {
+        if let Some(what) = dry_run_plan(&reply, snaps, bookmarks) {
             return Ok(Status::Planned { what });
         }
     }
@@ -180,17 +183,22 @@ fn decide(reply: SyncReply, snapshots: usize, resumed: u64) -> Result<Next, Data
 
 /// `--dry-run`: what the answer would make this side do; `None` where the
 /// answer is reported as in a real run (up to date, refused, needs full).
-fn dry_run_plan(reply: &SyncReply, snaps: &[Snapshot]) -> Option<String> {
+fn dry_run_plan(reply: &SyncReply, snaps: &[Snapshot], bookmarks: &[Snapshot]) -> Option<String> {
     let newest = snaps.last().map(|s| s.name.to_string()).unwrap_or_default();
     match reply {
         SyncReply::Incremental { base_guid, count } => {
-            let base = snaps
-                .iter()
-                .find(|s| s.guid == *base_guid)
-                .map(|s| s.name.to_string())
-                .unwrap_or_default();
+            let decision = Decision::Incremental {
+                base_guid: *base_guid,
+                count: *count as usize,
+            };
+            // A snapshot as `@name`, a bookmark as `#name`.
+            let base = match base_name(&decision, snaps, bookmarks) {
+                Some(b) if b.starts_with('#') => b,
+                Some(b) => format!("@{b}"),
+                None => "@".to_string(),
+            };
             Some(format!(
-                "would send incremental @{base}..@{newest}, {count} snapshot(s)"
+                "would send incremental {base}..@{newest}, {count} snapshot(s)"
             ))
         }
         SyncReply::New { buffered } => Some(format!(

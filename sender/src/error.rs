@@ -16,8 +16,6 @@ pub enum SendError {
     NoSource(DatasetName),
     #[error("listing the source: {0}")]
     List(#[from] ZfsError),
-    #[error(transparent)]
-    Connect(ClientError),
     #[error("cannot take the snapshot {0}: {1}")]
     Snapshot(String, ZfsError),
 }

@@ -110,7 +110,7 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
     // long waits for its parent) are tried once more after cleanbuffer;
     // orphans are judged after them.
     let again = !deferred.is_empty() && !stopped;
-    let delete = opts.delete_missing && !done.iter().any(Outcome::failed);
+    let delete = opts.delete_missing && !stopped && !done.iter().any(Outcome::failed);
     if stopped {
         not_attempted(&mut done, std::mem::take(&mut deferred), true);
         tracing::warn!("the run was stopped: cleanbuffer and retention's pruning are skipped");
@@ -274,6 +274,12 @@ async fn list_jobs(
     Ok((jobs, skipped))
 }
 
+/// The local time as it stands in a tool snapshot's name
+/// ([`zfsync_common::naming::format_tool_snapshot`]): `yymmdd-HHMMSS`.
+pub fn tool_stamp(t: &chrono::DateTime<chrono::Local>) -> String {
+    t.format("%y%m%d-%H%M%S").to_string()
+}
+
 /// Takes `SOURCE@<stamp>_<class>`. Should the name exist (two runs in one
 /// second, or the hour that repeats when clocks go back), it waits for the
 /// next second and takes a fresh stamp, a few times.
@@ -300,7 +306,7 @@ async fn take_snapshot(opts: &Options, class: SnapClass, stamp: &str) -> Result<
             Err(ZfsError::SnapshotExists { .. }) if tries < 3 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(1000)).await;
-                stamp = chrono::Local::now().format("%y%m%d-%H%M%S").to_string();
+                stamp = tool_stamp(&chrono::Local::now());
             }
             Err(e) => return Err(SendError::Snapshot(snap.to_string(), e)),
         }

@@ -178,10 +178,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    pub fn set_read_timeout(&mut self, t: Duration) {
-        self.read_timeout = t;
-    }
-
     pub fn get_ref(&self) -> &S {
         self.framed.get_ref()
     }

@@ -189,7 +189,11 @@ fn dry_run_descriptions() {
         (SyncReply::refused("no"), None),
     ];
     for (reply, want) in cases {
-        assert_eq!(dry_run_plan(&reply, &snaps()).as_deref(), want, "{reply:?}");
+        assert_eq!(
+            dry_run_plan(&reply, &snaps(), &[]).as_deref(),
+            want,
+            "{reply:?}"
+        );
     }
 }
 
