@@ -17,8 +17,9 @@ use tokio_rustls::TlsConnector;
 use crate::caps::{Caps, SendPath};
 use crate::model::Snapshot;
 use crate::protocol::{
-    handshake, CleanReply, CleanRequest, Connection, FinishReply, Message, ProtocolError, Request,
-    Stored, StreamReply, StreamRequest, SyncReply, SyncRequest, WireSnap, DATA_CHUNK,
+    handshake, CleanReply, CleanRequest, Connection, EagerStream, FinishReply, Landed, Message,
+    PlanReply, ProtocolError, Request, Stored, StreamReply, StreamRequest, SyncReply, SyncRequest,
+    WireSnap, DATA_CHUNK,
 };
 pub use crate::protocol::{CleanReport, Finished};
 use crate::tls::explain_client_error;
@@ -49,6 +50,10 @@ pub enum ClientError {
     Source(std::io::Error),
     #[error("the receiver could not store the stream: {0}")]
     StreamFailed(String),
+    /// Not stored this time, worth sending again (the replica had changed
+    /// and was rolled back, say).
+    #[error("the receiver could not store the stream: {0}")]
+    TryAgain(String),
     #[error("protocol version mismatch: this sender speaks {ours}, the receiver {theirs}; install the same zfsync version on both")]
     Version { ours: u32, theirs: u32 },
 }
@@ -168,6 +173,57 @@ impl Client {
         self.ask(Request::Sync(req.clone())).await
     }
 
+    /// What every dataset of `items` needs, in one request and one answer
+    /// (no effect on the receiver: nothing is locked or opened). The
+    /// answers are in the order of `items`.
+    pub async fn plan(&mut self, items: Vec<SyncRequest>) -> Result<PlanReply, ClientError> {
+        let asked = items.len();
+        let reply: PlanReply = self.ask(Request::Plan(items)).await?;
+        if let PlanReply::Answers(a) = &reply {
+            if a.len() != asked {
+                return Err(ClientError::Protocol(ProtocolError::Unexpected {
+                    got: format!("{} answers", a.len()),
+                    expected: format!("{asked} answers, one per dataset"),
+                }));
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Opens a dataset and starts its first stream in one message
+    /// (`Put`); pump the data at once, then end with [`Client::end_stream`]
+    /// or, for the dataset's last stream, [`Client::end_landed`].
+    pub async fn put(
+        &mut self,
+        sync: &SyncRequest,
+        stream: EagerStream,
+    ) -> Result<(), ClientError> {
+        Ok(self
+            .conn
+            .send(Request::Put(sync.clone(), stream).into())
+            .await?)
+    }
+
+    /// Starts the open dataset's next stream (`More`), data at once.
+    pub async fn more(&mut self, stream: EagerStream) -> Result<(), ClientError> {
+        Ok(self.conn.send(Request::More(stream).into()).await?)
+    }
+
+    /// Ends a dataset's last eager stream: the receiver stores it and
+    /// finishes the dataset.
+    pub async fn end_landed(&mut self, bytes: u64) -> Result<Finished, ClientError> {
+        self.conn.send(Message::End { bytes }).await?;
+        match Landed::try_from(self.conn.read_msg().await?)? {
+            Landed::Done(f) => Ok(f),
+            Landed::Failed {
+                reason,
+                temporary: true,
+            } => Err(ClientError::TryAgain(reason)),
+            Landed::Failed { reason, .. } => Err(ClientError::StreamFailed(reason)),
+            Landed::Refused { reason, .. } => Err(ClientError::Refused(reason)),
+        }
+    }
+
     /// The token of a resumable state could not be used here: the receiver
     /// discards the state and answers as for the sync request.
     pub async fn resume_failed(&mut self, reason: &str) -> Result<SyncReply, ClientError> {
@@ -247,7 +303,11 @@ impl Client {
         self.conn.send(Message::End { bytes }).await?;
         match Stored::try_from(self.conn.read_msg().await?)? {
             Stored::Received { bytes } => Ok(bytes),
-            Stored::Failed { reason } => Err(ClientError::StreamFailed(reason)),
+            Stored::Failed {
+                reason,
+                temporary: true,
+            } => Err(ClientError::TryAgain(reason)),
+            Stored::Failed { reason, .. } => Err(ClientError::StreamFailed(reason)),
         }
     }
 

@@ -122,6 +122,13 @@ pub(crate) enum IngestError {
     Aborted(String),
 }
 
+impl IngestError {
+    /// Worth sending again in this run, as is.
+    pub(crate) fn is_temporary(&self) -> bool {
+        false
+    }
+}
+
 /// A stream feature the local zfs cannot receive (zfs-fuse receiving from
 /// OpenZFS, say): names what it lacks.
 #[derive(Debug)]
@@ -497,6 +504,28 @@ impl<'a> Feed<'a> {
         self.stop().await;
         tracing::warn!(peer = %self.peer, dest = %self.dest, "stream cut ({e}); its last snapshot was not committed");
         e.into()
+    }
+}
+
+/// Reads past a stream refused before its data (an eager `Put`/`More`
+/// whose data follows at once): its data frames up to `End` or `Abort`,
+/// each dropped as it arrives.
+pub(crate) async fn drain(frames: &mut impl Frames) -> Result<(), ProtocolError> {
+    loop {
+        match frames.next_frame().await? {
+            None => return Err(ProtocolError::Closed),
+            Some(Frame::Data(b)) if b.is_empty() => {
+                return Err(ProtocolError::BadFrame("an empty data frame".into()))
+            }
+            Some(Frame::Data(_)) => {}
+            Some(Frame::Msg(Message::End { .. } | Message::Abort { .. })) => return Ok(()),
+            Some(Frame::Msg(other)) => {
+                return Err(ProtocolError::Unexpected {
+                    got: format!("message {}", other.name()),
+                    expected: "stream data, end or abort".into(),
+                })
+            }
+        }
     }
 }
 

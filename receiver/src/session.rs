@@ -4,9 +4,15 @@
 //! [`crate::buffer`]) and turns the phase's error into the typed reply.
 //!
 //! Invariants:
-//! - at most one dataset is open (from `Sync` to `Finish`); a new `Sync`, a
-//!   `cleanbuffer` or the end of the connection abandons it: a half-built
-//!   replacement is removed, the old copy stays, the lock is freed;
+//! - a `Plan` is answered from the cache like a dry-run `Sync`, item by
+//!   item: nothing is locked, opened or created, and no `zfs` runs;
+//! - at most one dataset is open (from `Sync` or `Put` to `Finish` or the
+//!   `End` of a `finish` stream); a new `Sync` or `Put`, a `cleanbuffer`
+//!   or the end of the connection abandons it: a half-built replacement
+//!   is removed, the old copy stays, the lock is freed;
+//! - an eager stream (`Put`, `More`: data without waiting for `Ready`)
+//!   that is refused is read past to its `End` or `Abort`, and the refusal
+//!   is the answer there: nothing of it reaches `zfs receive`;
 //! - the shutdown token is watched only while waiting for the peer
 //!   (between messages, and between a stream's frames, where it aborts the
 //!   `zfs receive`), so work in progress ends cleanly;
@@ -23,8 +29,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use zfsync_common::caps::Caps;
 use zfsync_common::protocol::{
-    handshake, CleanReply, CleanRequest, Connection, FinishReply, Frame, Message, ProtocolError,
-    Request, Stored, StreamReply, StreamRequest, SyncReply, SyncRequest,
+    handshake, CleanReply, CleanRequest, Connection, EagerStream, FinishReply, Frame, Landed,
+    Message, PlanReply, ProtocolError, Request, Stored, StreamReply, StreamRequest, SyncReply,
+    SyncRequest,
 };
 
 use crate::ingest::{self, Frames, IngestError};
@@ -33,6 +40,40 @@ use crate::open::Open;
 use crate::state::{Reservation, Target};
 use crate::sync::Valid;
 use crate::{buffer, finish, replace, sync};
+
+/// Most datasets one `Plan` request may ask about (the sender sends
+/// larger trees in several).
+pub(crate) const MAX_PLAN: usize = 4096;
+
+/// What a connection asked for, logged when it ends: how many round
+/// trips a run cost, per kind of request.
+#[derive(Debug, Default)]
+struct Served {
+    plans: usize,
+    /// Datasets asked about in plans.
+    planned: usize,
+    puts: usize,
+    mores: usize,
+    syncs: usize,
+    streams: usize,
+    finishes: usize,
+}
+
+impl std::fmt::Display for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "plan {} ({} datasets), put {}, more {}, sync {}, stream {}, finish {}",
+            self.plans,
+            self.planned,
+            self.puts,
+            self.mores,
+            self.syncs,
+            self.streams,
+            self.finishes
+        )
+    }
+}
 
 /// What the peer sent next.
 enum Incoming {
@@ -111,6 +152,7 @@ pub struct Session<'a, S> {
     /// `allow_full` of the request a `Resume` answered (its lists are the
     /// open dataset's), until the stream or a `ResumeFailed`.
     resume_offer: Option<bool>,
+    served: Served,
 }
 
 fn refused(e: sync::SyncError) -> SyncReply {
@@ -139,6 +181,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             cleaned: false,
             peer_caps: Caps::default(),
             resume_offer: None,
+            served: Served::default(),
         }
     }
 
@@ -147,6 +190,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     pub async fn serve(mut self) -> Result<(), ProtocolError> {
         let result = self.serve_inner().await;
         self.abandon().await;
+        tracing::info!(peer = %self.peer, "requests: {}", self.served);
         if let Err(e) = &result {
             // Tell the peer why, if it still listens.
             let _ = self
@@ -209,7 +253,23 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     continue;
                 }
             };
+            let served = &mut self.served;
+            match &request {
+                Request::Plan(items) => {
+                    served.plans += 1;
+                    served.planned += items.len();
+                }
+                Request::Put(..) => served.puts += 1,
+                Request::More(_) => served.mores += 1,
+                Request::Sync(_) => served.syncs += 1,
+                Request::Stream(_) => served.streams += 1,
+                Request::Finish => served.finishes += 1,
+                Request::ResumeFailed { .. } | Request::CleanBuffer(_) | Request::Bye => {}
+            }
             let reply: Message = match request {
+                Request::Plan(items) => self.on_plan(items).await.into(),
+                Request::Put(req, stream) => self.on_put(req, stream, admitted.take()).await?,
+                Request::More(stream) => self.on_eager(stream).await?,
                 Request::Sync(req) => self.on_sync(req, admitted.take()).await.into(),
                 Request::ResumeFailed { reason } => self.on_resume_failed(reason).await?.into(),
                 Request::Stream(stream) => self.on_stream(stream).await?,
@@ -219,6 +279,143 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             };
             self.link.conn.send(reply).await?;
         }
+    }
+
+    /// Answers what every dataset of a plan needs, as a dry run answers a
+    /// sync: from the cache, with nothing locked, opened or created, and
+    /// no `zfs` call. A cut transfer the sender cannot resume is answered
+    /// "busy", so the sender asks for that dataset alone (the real sync
+    /// discards it).
+    async fn on_plan(&mut self, items: Vec<SyncRequest>) -> PlanReply {
+        if items.len() > MAX_PLAN {
+            tracing::warn!(peer = %self.peer, datasets = items.len(), "refused a plan: too many datasets");
+            return PlanReply::Refused {
+                reason: format!(
+                    "a plan of {} datasets; at most {MAX_PLAN} per request",
+                    items.len()
+                ),
+                temporary: false,
+            };
+        }
+        let mut answers = Vec::with_capacity(items.len());
+        for mut item in items {
+            item.dry_run = true;
+            let answer = match sync::validate(self.target, &self.peer, item) {
+                Err(e) => refused(e),
+                Ok(valid) => {
+                    match sync::sync(self.target, &self.peer, &self.peer_caps, valid, false).await {
+                        Ok(synced) => synced.reply,
+                        Err(e @ sync::SyncError::CannotResume(_)) => SyncReply::Refused {
+                            reason: e.to_string(),
+                            temporary: true,
+                        },
+                        Err(e) => refused(e),
+                    }
+                }
+            };
+            answers.push(answer);
+        }
+        tracing::debug!(peer = %self.peer, datasets = answers.len(), "answered a plan");
+        PlanReply::Answers(answers)
+    }
+
+    /// A dataset's sync and its first stream at once: the sync is answered
+    /// as [`Session::on_sync`] would, and only when it opened the dataset
+    /// for a stream does the stream go in; otherwise the stream is read
+    /// past and refused with the sync's answer.
+    async fn on_put(
+        &mut self,
+        req: SyncRequest,
+        stream: EagerStream,
+        admitted: Option<Reservation>,
+    ) -> Result<Message, ProtocolError> {
+        let reply = self.on_sync(req, admitted).await;
+        let refusal = match reply {
+            SyncReply::Incremental { .. }
+            | SyncReply::New { .. }
+            | SyncReply::Full { accepted: true, .. }
+                if self.open.is_some() =>
+            {
+                return self.on_eager(stream).await;
+            }
+            SyncReply::UpToDate { snapshot } => (
+                format!("the receiver is already at @{snapshot} (another sender?)"),
+                false,
+            ),
+            SyncReply::Refused { reason, temporary } => (reason, temporary),
+            SyncReply::Full { reason, .. } => (
+                format!("{reason}; run with --full to replace the receiver's copy"),
+                false,
+            ),
+            // The per-dataset conversation resumes it.
+            SyncReply::Resume { .. } => (
+                "the dataset holds a cut transfer: resume it first".to_string(),
+                true,
+            ),
+            SyncReply::Incremental { .. } | SyncReply::New { .. } => {
+                ("internal error: no open dataset".to_string(), false)
+            }
+        };
+        self.resume_offer = None;
+        self.abandon().await;
+        ingest::drain(&mut self.link).await?;
+        Ok(Stored::Failed {
+            reason: refusal.0,
+            temporary: refusal.1,
+        }
+        .into())
+    }
+
+    /// A stream of the open dataset whose data follows its announcement at
+    /// once (`Put`, `More`): a refused announcement is read past and
+    /// answered at its `End`; the last stream (`finish`) also finishes the
+    /// dataset. `Err` only when the connection is unusable.
+    async fn on_eager(&mut self, eager: EagerStream) -> Result<Message, ProtocolError> {
+        self.resume_offer = None;
+        let stream = StreamRequest {
+            from_guid: eager.from_guid,
+            to: eager.to,
+            resume: false,
+        };
+        let Some(Held { open, .. }) = self.open.as_ref() else {
+            return Err(ProtocolError::Unexpected {
+                got: "more".into(),
+                expected: "put or sync first".into(),
+            });
+        };
+        let plan = match ingest::check_stream(self.target, open, &stream) {
+            Ok(plan) => plan,
+            Err(e) => {
+                ingest::drain(&mut self.link).await?;
+                return Ok(Stored::Failed {
+                    reason: e.to_string(),
+                    temporary: false,
+                }
+                .into());
+            }
+        };
+        let received = ingest::receive(
+            self.target,
+            &mut self.link,
+            &self.peer,
+            &self.peer_caps,
+            open,
+            &plan,
+        );
+        Ok(match received.await {
+            Ok(_) if eager.finish => match self.on_finish().await? {
+                FinishReply::Done(f) => Landed::Done(f),
+                FinishReply::Refused { reason, temporary } => Landed::Refused { reason, temporary },
+            }
+            .into(),
+            Ok(bytes) => Stored::Received { bytes }.into(),
+            Err(IngestError::Protocol(e)) => return Err(e),
+            Err(e) => Stored::Failed {
+                temporary: e.is_temporary(),
+                reason: e.to_string(),
+            }
+            .into(),
+        })
     }
 
     /// `admitted`: what reading the request's frame was granted, if it
@@ -324,6 +521,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Ok(bytes) => Stored::Received { bytes },
             Err(IngestError::Protocol(e)) => return Err(e),
             Err(e) => Stored::Failed {
+                temporary: e.is_temporary(),
                 reason: e.to_string(),
             },
         }

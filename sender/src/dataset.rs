@@ -4,6 +4,7 @@
 //! [`dry_run_plan`], [`base_name`]), table-tested below.
 
 use tokio_util::sync::CancellationToken;
+use zfsync_common::caps::SendPath;
 use zfsync_common::client::Client;
 use zfsync_common::naming::SnapshotName;
 use zfsync_common::plan::{steps_with_bookmarks, Decision};
@@ -12,13 +13,84 @@ use zfsync_common::zfs::{SendWhat, Snapshot, ZfsError};
 
 use crate::error::DatasetError;
 use crate::report::{human_bytes, SendKind, Status};
-use crate::stream::{self, Outgoing};
+use crate::stream::{self, Announce, Outgoing};
 use crate::worker::Job;
 use crate::Options;
 
-/// Syncs one dataset. The run's stop (`shutdown`) is honoured between
-/// streams, and mid-stream by aborting it; a dataset whose streams all
-/// arrived is still finished (one message, and it is then in sync).
+/// The sync request for a dataset; `Err` with its status or failure when
+/// there is nothing to ask (no snapshots; an encrypted dataset and a
+/// receiver that cannot take raw streams).
+pub(crate) fn request(
+    job: &Job,
+    opts: &Options,
+    path: SendPath,
+    receiver_zfs: &str,
+) -> Result<SyncRequest, Result<Status, DatasetError>> {
+    let snaps = &job.dataset.snapshots;
+    if snaps.is_empty() {
+        return Err(Ok(Status::NoSnapshots));
+    }
+    if job.dataset.encrypted && !path.raw {
+        return Err(Err(DatasetError::Encrypted {
+            dataset: job.dataset.name.clone(),
+            receiver_zfs: receiver_zfs.to_string(),
+        }));
+    }
+    Ok(SyncRequest::new(&job.rel, snaps)
+        .bookmarks(bookmarks(job, path))
+        .allow_full(opts.allow_full)
+        .dry_run(opts.dry_run))
+}
+
+/// The bookmarks a dataset offers as incremental bases (where both ends
+/// have bookmarks).
+fn bookmarks(job: &Job, path: SendPath) -> &[Snapshot] {
+    if path.bookmarks {
+        &job.dataset.bookmarks
+    } else {
+        &[]
+    }
+}
+
+/// What becomes of a dataset after the tree's plan answered for it.
+#[derive(Debug)]
+pub(crate) enum Settled {
+    /// Nothing to send: its status (up to date; in a dry run, what would
+    /// be done) or failure (refused, needs `--full`).
+    Done(Result<Status, DatasetError>),
+    /// Streams follow; the first one opens it on the receiver.
+    Send,
+    /// Asked about on its own (a resume offer, busy).
+    Ask,
+}
+
+/// Settles a dataset by the tree plan's `reply`.
+pub(crate) fn settle(job: &Job, reply: &SyncReply, path: SendPath, dry_run: bool) -> Settled {
+    let snaps = &job.dataset.snapshots;
+    if let SyncReply::Resume { .. }
+    | SyncReply::Refused {
+        temporary: true, ..
+    } = reply
+    {
+        return Settled::Ask;
+    }
+    if dry_run {
+        if let Some(what) = dry_run_plan(reply, snaps, bookmarks(job, path)) {
+            return Settled::Done(Ok(Status::Planned { what }));
+        }
+    }
+    match decide(reply.clone(), snaps.len(), 0) {
+        Ok(Next::Done(status)) => Settled::Done(Ok(status)),
+        Ok(Next::Send { .. }) => Settled::Send,
+        Err(e) => Settled::Done(Err(e)),
+    }
+}
+
+/// Syncs one dataset: with the tree plan's answer for it (`job.plan`)
+/// its first stream carries the sync request (`Put`), else the receiver
+/// is asked first (`Sync`). The run's stop (`shutdown`) is honoured
+/// between streams, and mid-stream by aborting it; a dataset whose
+/// streams all arrived is still finished (with its last stream).
 pub(crate) async fn sync(
     client: &mut Client,
     opts: &Options,
@@ -26,30 +98,23 @@ pub(crate) async fn sync(
     shutdown: &CancellationToken,
 ) -> Result<Status, DatasetError> {
     let snaps = &job.dataset.snapshots;
-    if snaps.is_empty() {
-        return Ok(Status::NoSnapshots);
-    }
-    if job.dataset.encrypted && !client.path().raw {
-        return Err(DatasetError::Encrypted {
-            dataset: job.dataset.name.clone(),
-            receiver_zfs: client.peer_caps().version.to_string(),
-        });
-    }
-    let bookmarks: &[Snapshot] = if client.path().bookmarks {
-        &job.dataset.bookmarks
-    } else {
-        &[]
+    let request = match request(job, opts, client.path(), &client.peer_caps().version) {
+        Ok(r) => r,
+        Err(settled) => return settled,
     };
-    // A dry run ends at the first answer, so the one request serves the
-    // re-sync after a resume too.
-    let request = SyncRequest::new(&job.rel, snaps)
-        .bookmarks(bookmarks)
-        .allow_full(opts.allow_full)
-        .dry_run(opts.dry_run);
-    let mut reply = client
-        .sync(&request)
-        .await
-        .map_err(DatasetError::Connection)?;
+    let bookmarks = bookmarks(job, client.path());
+    // With the plan's answer, the receiver opens the dataset with its
+    // first stream; without, it is asked now and opens it at once.
+    let (mut reply, opened) = match &job.plan {
+        Some(reply) => (reply.clone(), false),
+        None => (
+            client
+                .sync(&request)
+                .await
+                .map_err(DatasetError::Connection)?,
+            true,
+        ),
+    };
     // A transfer cut in an earlier run: go on from where it stopped.
     let mut resumed = 0u64;
     if let SyncReply::Resume { token } = &reply {
@@ -57,6 +122,11 @@ pub(crate) async fn sync(
             return Ok(Status::Planned {
                 what: "would resume a cut transfer, then send what is newer".into(),
             });
+        }
+        if !opened {
+            // Plan answers of this kind go the per-dataset way (see
+            // `settle`); never here.
+            return Err(DatasetError::ResumeTwice);
         }
         let token = token.clone();
         reply = match resume(client, opts, job, &token, shutdown).await {
@@ -93,13 +163,36 @@ pub(crate) async fn sync(
     }
     let plan = steps_with_bookmarks(snaps, bookmarks, &decision);
     let mut bytes = resumed;
-    for step in &plan {
+    let mut finished = None;
+    for (i, step) in plan.iter().enumerate() {
         if shutdown.is_cancelled() {
             return Err(DatasetError::Cancelled);
         }
-        bytes += stream::send_step(client, opts.zfs.as_ref(), &job.dataset, step, shutdown).await?;
+        let announce = if i == 0 && !opened {
+            Announce::Put(&request)
+        } else {
+            Announce::More
+        };
+        let last = i + 1 == plan.len();
+        let sent = stream::send_step(
+            client,
+            opts.zfs.as_ref(),
+            &job.dataset,
+            step,
+            announce,
+            last,
+            shutdown,
+        )
+        .await?;
+        bytes += sent.bytes;
+        finished = sent.finished;
     }
-    let finished = client.finish().await.map_err(DatasetError::Connection)?;
+    let finished = match finished {
+        Some(f) => f,
+        // No stream (never for a plan answer): finish the open dataset.
+        None if opened => client.finish().await.map_err(DatasetError::Connection)?,
+        None => return Err(DatasetError::ResumeTwice),
+    };
     Ok(Status::Sent {
         kind,
         from: base_name(&decision, snaps, bookmarks),
@@ -318,10 +411,13 @@ async fn resume(
         from_guid: (info.from_guid != 0).then_some(info.from_guid),
         to_snap: to,
         resume: true,
+        announce: Announce::Checked,
+        finish: false,
     };
     let bytes = stream::pipe(client, opts.zfs.as_ref(), &out, shutdown)
         .await
-        .map_err(ResumeError::Failed)?;
+        .map_err(ResumeError::Failed)?
+        .bytes;
     tracing::info!(dataset = %job.dataset.name, bytes, "resumed transfer complete");
     Ok(bytes)
 }

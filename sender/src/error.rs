@@ -102,6 +102,7 @@ impl DatasetError {
                 Class::Temporary
             }
             DatasetError::Connection(e) if e.is_connection_lost() => Class::Temporary,
+            DatasetError::Connection(ClientError::TryAgain(_)) => Class::Temporary,
             DatasetError::Connection(_)
             | DatasetError::Refused { .. }
             | DatasetError::NeedsFull { .. }

@@ -4,7 +4,8 @@
 //! After all datasets, one connection asks the receiver to place what it
 //! buffered.
 //!
-//! [`run()`] (run.rs) is one run from start to report; `worker` holds the
+//! [`run()`] (run.rs) is one run from start to report; `plan` asks the
+//! receiver about the whole tree at once; `worker` holds the
 //! queue and the worker loop; `dataset` syncs one dataset; `stream` pipes
 //! one `zfs send`; [`report`] is what happened (used by [`retention`] and
 //! [`mod@summary`]); [`registry`] names the receivers of the tree, whose
@@ -14,6 +15,7 @@
 pub mod cli;
 mod dataset;
 pub mod error;
+mod plan;
 pub mod registry;
 pub mod report;
 pub mod retention;

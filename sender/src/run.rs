@@ -100,8 +100,18 @@ pub async fn run(mut opts: Options, shutdown: CancellationToken) -> Result<Repor
         // Stopped while connecting: every dataset is "not attempted".
         None => None,
     };
+    // The whole tree in one negotiation: what needs nothing is settled
+    // here, the rest goes to the workers with the receiver's answer.
+    let (jobs, settled, first) = match first {
+        Some(mut c) if !shutdown.is_cancelled() => {
+            let (jobs, settled, error) = crate::plan::plan(&mut c, &opts, jobs).await;
+            (jobs, settled, error.is_none().then_some(c))
+        }
+        first => (jobs, Vec::new(), first),
+    };
     let opts = Arc::new(opts);
     let (mut done, left, mut deferred) = pass(&opts, first, jobs, true, &shutdown).await;
+    done.extend(settled);
     let stopped = shutdown.is_cancelled();
     // Whatever no worker took: the run was stopped, or every connection
     // was lost.
@@ -249,6 +259,7 @@ async fn list_jobs(
                 rel,
                 dataset: d,
                 tries: 0,
+                plan: None,
             })
         })
         .collect();

@@ -12,9 +12,10 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use zfsync_common::client::{Client, ClientError};
+use zfsync_common::client::{Client, ClientError, Finished};
 use zfsync_common::naming::SnapshotName;
 use zfsync_common::plan::Step;
+use zfsync_common::protocol::{EagerStream, SyncRequest, WireSnap};
 use zfsync_common::zfs::{Dataset, SendFrom, SendWhat, Snapshot, ZfsBackend};
 
 use crate::error::{DatasetError, StreamFailure};
@@ -22,6 +23,26 @@ use crate::report::human_bytes;
 
 /// What the receiver is told when the run is stopped mid-stream.
 const STOPPED: &str = "the sender's run was stopped";
+
+/// How a stream is announced.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Announce<'a> {
+    /// `Stream`, then wait for `Ready` (a resumed stream).
+    Checked,
+    /// `Put`: the dataset's sync request with its first stream; the data
+    /// follows at once.
+    Put(&'a SyncRequest),
+    /// `More`: the open dataset's next stream, data at once.
+    More,
+}
+
+/// What a sent stream brought.
+#[derive(Debug, Default)]
+pub(crate) struct Sent {
+    pub bytes: u64,
+    /// The receiver's word on the dataset, when this stream finished it.
+    pub finished: Option<Finished>,
+}
 
 /// One stream to send.
 pub(crate) struct Outgoing<'a> {
@@ -32,18 +53,25 @@ pub(crate) struct Outgoing<'a> {
     /// The base, announced to the receiver (none for a full stream).
     pub from_guid: Option<u64>,
     pub to_snap: &'a Snapshot,
-    /// The continuation of a cut stream (`zfs send -t`).
+    /// The continuation of a cut stream (`zfs send -t`), announced
+    /// [`Announce::Checked`].
     pub resume: bool,
+    pub announce: Announce<'a>,
+    /// The dataset's last stream: its `End` also finishes the dataset.
+    pub finish: bool,
 }
 
-/// Sends one step of a dataset's plan.
+/// Sends one step of a dataset's plan, announced as `announce`; `finish`:
+/// the dataset's last step.
 pub(crate) async fn send_step(
     client: &mut Client,
     zfs: &dyn ZfsBackend,
     dataset: &Dataset,
     step: &Step<'_>,
+    announce: Announce<'_>,
+    finish: bool,
     shutdown: &CancellationToken,
-) -> Result<u64, DatasetError> {
+) -> Result<Sent, DatasetError> {
     let to = dataset
         .name
         .snapshot(&step.to.name)
@@ -69,30 +97,57 @@ pub(crate) async fn send_step(
         from_guid: step.from.map(|f| f.guid),
         to_snap: step.to,
         resume: false,
+        announce,
+        finish,
     };
     pipe(client, zfs, &out, shutdown).await
 }
 
 /// Announces a stream, pipes `zfs send` into it and ends it; returns the
-/// bytes sent. A stop (`shutdown`) is seen between data frames: the
+/// bytes sent (and the receiver's word on the dataset when the stream
+/// finished it). A stop (`shutdown`) is seen between data frames: the
 /// `zfs send` is killed, the receiver told, and the answer is
-/// [`DatasetError::Cancelled`].
+/// [`DatasetError::Cancelled`]. `zfs send` starts before an eager
+/// announcement goes out, so a send that cannot start costs no round
+/// trip; a checked one waits for `Ready` first.
 pub(crate) async fn pipe(
     client: &mut Client,
     zfs: &dyn ZfsBackend,
     out: &Outgoing<'_>,
     shutdown: &CancellationToken,
-) -> Result<u64, DatasetError> {
-    let announced = if out.resume {
-        client.begin_resume(out.from_guid, out.to_snap).await
-    } else {
-        client.begin_stream(out.from_guid, out.to_snap).await
+) -> Result<Sent, DatasetError> {
+    let eager = |finish| EagerStream {
+        from_guid: out.from_guid,
+        to: WireSnap::from(out.to_snap),
+        finish,
     };
-    announced.map_err(DatasetError::Connection)?;
-    let mut child = match zfs.spawn_send(out.what, out.flags) {
+    if let Announce::Checked = out.announce {
+        let announced = if out.resume {
+            client.begin_resume(out.from_guid, out.to_snap).await
+        } else {
+            client.begin_stream(out.from_guid, out.to_snap).await
+        };
+        announced.map_err(DatasetError::Connection)?;
+    }
+    let spawned = zfs.spawn_send(out.what, out.flags);
+    let announced = match (out.announce, &spawned) {
+        (Announce::Checked, _) | (_, Err(_)) => Ok(()),
+        (Announce::Put(sync), Ok(_)) => client.put(sync, eager(out.finish)).await,
+        (Announce::More, Ok(_)) => client.more(eager(out.finish)).await,
+    };
+    if let Err(e) = announced {
+        if let Ok(mut child) = spawned {
+            child.abort().await;
+        }
+        return Err(DatasetError::Connection(e));
+    }
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let _ = client.abort_stream(&e.to_string()).await;
+            // An eager stream was not announced: nothing to tell.
+            if let Announce::Checked = out.announce {
+                let _ = client.abort_stream(&e.to_string()).await;
+            }
             return Err(DatasetError::Zfs(e));
         }
     };
@@ -148,13 +203,23 @@ pub(crate) async fn pipe(
             connection_lost: told.is_err_and(|e| e.is_connection_lost()),
         });
     }
-    client
-        .end_stream(bytes)
-        .await
-        .map_err(DatasetError::Connection)?;
+    let finished = if out.finish && !matches!(out.announce, Announce::Checked) {
+        Some(
+            client
+                .end_landed(bytes)
+                .await
+                .map_err(DatasetError::Connection)?,
+        )
+    } else {
+        client
+            .end_stream(bytes)
+            .await
+            .map_err(DatasetError::Connection)?;
+        None
+    };
     let secs = started.elapsed().as_secs_f64().max(1e-6);
     tracing::info!(%to, bytes, "sent {} in {secs:.1} s ({}/s)", human_bytes(bytes), human_bytes((bytes as f64 / secs) as u64));
-    Ok(bytes)
+    Ok(Sent { bytes, finished })
 }
 
 /// A reader that fails once the run is stopped. [`Client::pump`] reads

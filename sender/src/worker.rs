@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use zfsync_common::client::{Client, ClientError, ClientOptions};
 use zfsync_common::naming::RelPath;
+use zfsync_common::protocol::SyncReply;
 use zfsync_common::zfs::Dataset;
 
 use crate::dataset;
@@ -27,6 +28,10 @@ pub(crate) struct Job {
     pub dataset: Dataset,
     /// Earlier attempts that found the dataset busy on the receiver.
     pub tries: u32,
+    /// The receiver's answer for it in the tree's plan: its first stream
+    /// then opens it (no round trip of its own). `None`: ask first (no
+    /// plan, a resume offer, a retry).
+    pub plan: Option<SyncReply>,
 }
 
 /// The datasets still to sync and what became of the others, shared by
@@ -66,6 +71,7 @@ impl Queue {
             Some(d) => {
                 lock(d).push(Job {
                     tries: 0,
+                    plan: None,
                     ..job.clone()
                 });
                 true
@@ -195,6 +201,8 @@ pub(crate) async fn worker(
                 if then(&e, job.tries) == Then::Requeue {
                     tracing::info!(worker = id, dataset = %job.dataset.name, "busy on the receiver; trying again later");
                     job.tries += 1;
+                    // Asked afresh: the plan's answer is out of date.
+                    job.plan = None;
                     queue.push_back(job);
                     continue;
                 }

@@ -8,6 +8,8 @@ use crate::model::Snapshot;
 use crate::naming::{NameError, SnapName};
 use crate::plan::FullReason;
 
+use super::typed::{SyncReply, SyncRequest};
+
 /// A snapshot as it travels: the name is checked on arrival.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireSnap {
@@ -114,6 +116,33 @@ pub enum Message {
         reason: String,
     },
 
+    // The whole tree in one negotiation (protocol 5): what every
+    // dataset needs, answered in order, with no effect on the receiver
+    // (nothing is locked, opened or created).
+    Plan {
+        datasets: Vec<SyncRequest>,
+    },
+    Planned {
+        /// One per dataset of the plan, in its order.
+        answers: Vec<SyncReply>,
+    },
+    /// A dataset's sync and its first stream in one message: the data
+    /// follows at once (no `Ready`); a refusal is the answer to its `End`.
+    Put {
+        sync: SyncRequest,
+        from_guid: Option<u64>,
+        to: WireSnap,
+        /// The dataset's last stream: a successful `End` also finishes it
+        /// (answered `Done`).
+        finish: bool,
+    },
+    /// The next stream of the open dataset, data at once (as `Put`).
+    More {
+        from_guid: Option<u64>,
+        to: WireSnap,
+        finish: bool,
+    },
+
     // Streams.
     Stream {
         from_guid: Option<u64>,
@@ -135,6 +164,10 @@ pub enum Message {
     },
     StreamFailed {
         reason: String,
+        /// Worth sending again (the replica changed and was rolled back,
+        /// the dataset was busy), as opposed to a conflict.
+        #[serde(default)]
+        temporary: bool,
     },
     Finish,
     Done {
@@ -185,6 +218,10 @@ impl Message {
             Message::Refused { .. } => "refused",
             Message::Resume { .. } => "resume",
             Message::ResumeFailed { .. } => "resume_failed",
+            Message::Plan { .. } => "plan",
+            Message::Planned { .. } => "planned",
+            Message::Put { .. } => "put",
+            Message::More { .. } => "more",
             Message::Stream { .. } => "stream",
             Message::Ready => "ready",
             Message::End { .. } => "end",

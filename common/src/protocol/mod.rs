@@ -9,22 +9,35 @@
 //! client                                server
 //! Hello{version, run_id, caps}   ->
 //!                                <-     HelloOk | Error
-//! Sync{path, snapshots, full}    ->
+//! Plan{datasets}                 ->     (the whole tree, in requests of
+//!                                <-     Planned{answers} | Refused   about 1 MiB;
+//!                                       answers as for Sync, nothing locked)
+//! ( Put{sync, from_guid, to, finish}    (a dataset the plan said to send:
+//!   Data...  End{bytes} | Abort  ->     sync and first stream at once)
+//!                                <-     Received | Done (finish) | StreamFailed | Refused
+//!   ( More{from_guid, to, finish}       (its next stream, same answers)
+//!     Data...  End | Abort       ->
+//!                                <-     ... )* )*
+//! ( Sync{path, snapshots, full}  ->     (one dataset on its own: no plan,
 //!                                <-     UpToDate | Incremental | New | Full | Refused
-//!                                       | Resume{token}
-//! ( ResumeFailed{reason}         ->     (a stale token: the receiver
+//!                                       | Resume{token}            a resume, a retry)
+//!   ( ResumeFailed{reason}       ->     (a stale token: the receiver
 //!                                <-     discards it and answers as for Sync) )
-//! ( Stream{from_guid, to}        ->
+//!   ( Stream{from_guid, to}      ->     (checked first: a resumed stream)
 //!                                <-     Ready | StreamFailed
-//!   Data...  End{bytes} | Abort  ->
+//!     Data...  End{bytes} | Abort ->
 //!                                <-     Received | StreamFailed )*
-//! Finish                         ->
-//!                                <-     Done | Refused
-//! ...more Sync...
+//!   More... as above, or Finish  ->
+//!                                <-     Done | Refused )*
 //! CleanBuffer                    ->
 //!                                <-     CleanReport
 //! Bye
 //! ```
+//!
+//! A dataset that needs nothing costs no message beyond the plan; one that
+//! needs one stream costs one round trip (its `End`'s answer). A stream
+//! sent eagerly (`Put`, `More`) and refused is read past to its `End` and
+//! refused there: nothing of it reaches `zfs receive`.
 //!
 //! A stream is committed only after `End` arrives with the exact byte count;
 //! a cut connection or an `Abort` kills the `zfs receive`.
@@ -44,15 +57,17 @@ pub mod typed;
 
 pub use message::{Message, PlaceFailure, WireSnap};
 pub use typed::{
-    CleanReply, CleanReport, CleanRequest, FinishReply, Finished, Request, Stored, StreamReply,
-    StreamRequest, SyncReply, SyncRequest,
+    CleanReply, CleanReport, CleanRequest, EagerStream, FinishReply, Finished, Landed, PlanReply,
+    Request, Stored, StreamReply, StreamRequest, SyncReply, SyncRequest,
 };
 
 /// 3: capabilities in the handshake, resumable streams, bookmarks.
 /// 4: the reason for a full replacement travels typed ([`FullReason`]).
+/// 5: the whole tree in one `Plan`; `Put`/`More` streams without `Ready`,
+/// the last one finishing the dataset; `StreamFailed{temporary}`.
 ///
 /// [`FullReason`]: crate::plan::FullReason
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame accepted: 16 MiB (a sync request for a dataset with about
 /// 100 000 snapshots). Larger lengths are refused before any allocation.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -301,7 +316,59 @@ mod tests {
             Message::End { bytes: 5 },
             Message::Abort { reason: "x".into() },
             Message::Received { bytes: 5 },
-            Message::StreamFailed { reason: "x".into() },
+            Message::StreamFailed {
+                reason: "x".into(),
+                temporary: true,
+            },
+            Message::Plan {
+                datasets: vec![SyncRequest {
+                    path: "/a".into(),
+                    snapshots: vec![WireSnap {
+                        name: "s1".into(),
+                        guid: 9,
+                        createtxg: 2,
+                    }],
+                    bookmarks: vec![],
+                    allow_full: false,
+                    dry_run: false,
+                }],
+            },
+            Message::Planned {
+                answers: vec![
+                    SyncReply::UpToDate {
+                        snapshot: "s1".into(),
+                    },
+                    SyncReply::Full {
+                        reason: crate::plan::FullReason::TargetHasNoSnapshots,
+                        accepted: true,
+                    },
+                ],
+            },
+            Message::Put {
+                sync: SyncRequest {
+                    path: "".into(),
+                    snapshots: vec![],
+                    bookmarks: vec![],
+                    allow_full: true,
+                    dry_run: false,
+                },
+                from_guid: Some(4),
+                to: WireSnap {
+                    name: "s".into(),
+                    guid: 1,
+                    createtxg: 2,
+                },
+                finish: true,
+            },
+            Message::More {
+                from_guid: None,
+                to: WireSnap {
+                    name: "s".into(),
+                    guid: 1,
+                    createtxg: 2,
+                },
+                finish: false,
+            },
             Message::Finish,
             Message::Done {
                 location: "p/a".into(),

@@ -4,14 +4,18 @@
 //! every answer into the reply type of its request with one `TryFrom`, so
 //! neither end has catch-all arms.
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::Snapshot;
 use crate::naming::RelPath;
 use crate::plan::FullReason;
 
 use super::{Message, PlaceFailure, ProtocolError, WireSnap};
 
-/// Asks what a dataset needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Asks what a dataset needs. Travels as the `Sync` message, and as an
+/// item of `Plan` and `Put`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SyncRequest {
     /// Relative path: "" for the top dataset, else "/a/b" (checked by the
     /// receiver).
@@ -19,10 +23,12 @@ pub struct SyncRequest {
     /// Oldest first.
     pub snapshots: Vec<WireSnap>,
     /// The sender's bookmarks (OpenZFS): incremental bases only.
+    #[serde(default)]
     pub bookmarks: Vec<WireSnap>,
     /// The sender runs with --full.
     pub allow_full: bool,
     /// Only say what would be done: no dataset is locked or created.
+    #[serde(default)]
     pub dry_run: bool,
 }
 
@@ -73,10 +79,27 @@ pub struct CleanRequest {
     pub dry_run: bool,
 }
 
+/// A dataset's sync request and its first stream in one message (`Put`),
+/// or the next stream of the open dataset (`More`); the data follows at
+/// once, and the answer comes after `End`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EagerStream {
+    pub from_guid: Option<u64>,
+    pub to: WireSnap,
+    /// The dataset's last stream: a successful `End` finishes it too.
+    pub finish: bool,
+}
+
 /// What a sender may send between streams.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
+    /// What every dataset of the tree needs, in one request (no effect).
+    Plan(Vec<SyncRequest>),
     Sync(SyncRequest),
+    /// Sync and first stream at once.
+    Put(SyncRequest, EagerStream),
+    /// The open dataset's next stream, data at once.
+    More(EagerStream),
     /// The sender cannot use a resume offer: discard it, answer the sync.
     ResumeFailed {
         reason: String,
@@ -87,8 +110,9 @@ pub enum Request {
     Bye,
 }
 
-/// The answer to [`SyncRequest`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The answer to [`SyncRequest`] (also an item of `Planned`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SyncReply {
     /// The receiver's newest snapshot is the sender's newest.
     UpToDate { snapshot: String },
@@ -127,8 +151,41 @@ pub enum StreamReply {
 /// The answer to a stream's `End` (or `Abort`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stored {
-    Received { bytes: u64 },
-    Failed { reason: String },
+    Received {
+        bytes: u64,
+    },
+    /// `temporary`: worth sending again in this run.
+    Failed {
+        reason: String,
+        temporary: bool,
+    },
+}
+
+/// The answer to the `End` of a dataset's last eager stream
+/// ([`EagerStream::finish`]): stored and finished, or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Landed {
+    Done(Finished),
+    /// The stream was not stored.
+    Failed {
+        reason: String,
+        temporary: bool,
+    },
+    /// Stored, but the dataset could not be finished.
+    Refused {
+        reason: String,
+        temporary: bool,
+    },
+}
+
+/// The answer to `Plan`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanReply {
+    /// One per dataset, in the plan's order.
+    Answers(Vec<SyncReply>),
+    /// The whole plan (the memory budget had no room, say): ask dataset
+    /// by dataset instead.
+    Refused { reason: String, temporary: bool },
 }
 
 /// The receiver's word on a finished dataset.
@@ -212,6 +269,29 @@ impl TryFrom<Message> for Request {
                 allow_full,
                 dry_run,
             }),
+            Message::Plan { datasets } => Request::Plan(datasets),
+            Message::Put {
+                sync,
+                from_guid,
+                to,
+                finish,
+            } => Request::Put(
+                sync,
+                EagerStream {
+                    from_guid,
+                    to,
+                    finish,
+                },
+            ),
+            Message::More {
+                from_guid,
+                to,
+                finish,
+            } => Request::More(EagerStream {
+                from_guid,
+                to,
+                finish,
+            }),
             Message::ResumeFailed { reason } => Request::ResumeFailed { reason },
             Message::Stream {
                 from_guid,
@@ -236,7 +316,7 @@ impl TryFrom<Message> for Request {
             other => {
                 return Err(unexpected(
                     &other,
-                    "sync, stream, finish, cleanbuffer or bye",
+                    "plan, sync, put, more, stream, finish, cleanbuffer or bye",
                 ))
             }
         })
@@ -252,6 +332,18 @@ impl From<Request> for Message {
                 bookmarks: s.bookmarks,
                 allow_full: s.allow_full,
                 dry_run: s.dry_run,
+            },
+            Request::Plan(datasets) => Message::Plan { datasets },
+            Request::Put(sync, s) => Message::Put {
+                sync,
+                from_guid: s.from_guid,
+                to: s.to,
+                finish: s.finish,
+            },
+            Request::More(s) => Message::More {
+                from_guid: s.from_guid,
+                to: s.to,
+                finish: s.finish,
             },
             Request::ResumeFailed { reason } => Message::ResumeFailed { reason },
             Request::Stream(s) => Message::Stream {
@@ -307,7 +399,10 @@ impl From<StreamReply> for Message {
     fn from(r: StreamReply) -> Message {
         match r {
             StreamReply::Ready => Message::Ready,
-            StreamReply::Failed { reason } => Message::StreamFailed { reason },
+            StreamReply::Failed { reason } => Message::StreamFailed {
+                reason,
+                temporary: false,
+            },
         }
     }
 }
@@ -318,7 +413,7 @@ impl TryFrom<Message> for StreamReply {
     fn try_from(m: Message) -> Result<StreamReply, ProtocolError> {
         match m {
             Message::Ready => Ok(StreamReply::Ready),
-            Message::StreamFailed { reason } => Ok(StreamReply::Failed { reason }),
+            Message::StreamFailed { reason, .. } => Ok(StreamReply::Failed { reason }),
             other => Err(unexpected(&other, "ready")),
         }
     }
@@ -328,7 +423,54 @@ impl From<Stored> for Message {
     fn from(r: Stored) -> Message {
         match r {
             Stored::Received { bytes } => Message::Received { bytes },
-            Stored::Failed { reason } => Message::StreamFailed { reason },
+            Stored::Failed { reason, temporary } => Message::StreamFailed { reason, temporary },
+        }
+    }
+}
+
+impl From<Landed> for Message {
+    fn from(r: Landed) -> Message {
+        match r {
+            Landed::Done(f) => FinishReply::Done(f).into(),
+            Landed::Failed { reason, temporary } => Message::StreamFailed { reason, temporary },
+            Landed::Refused { reason, temporary } => Message::Refused { reason, temporary },
+        }
+    }
+}
+
+impl TryFrom<Message> for Landed {
+    type Error = ProtocolError;
+
+    fn try_from(m: Message) -> Result<Landed, ProtocolError> {
+        match m {
+            Message::StreamFailed { reason, temporary } => Ok(Landed::Failed { reason, temporary }),
+            other => match FinishReply::try_from(other)? {
+                FinishReply::Done(f) => Ok(Landed::Done(f)),
+                FinishReply::Refused { reason, temporary } => {
+                    Ok(Landed::Refused { reason, temporary })
+                }
+            },
+        }
+    }
+}
+
+impl From<PlanReply> for Message {
+    fn from(r: PlanReply) -> Message {
+        match r {
+            PlanReply::Answers(answers) => Message::Planned { answers },
+            PlanReply::Refused { reason, temporary } => Message::Refused { reason, temporary },
+        }
+    }
+}
+
+impl TryFrom<Message> for PlanReply {
+    type Error = ProtocolError;
+
+    fn try_from(m: Message) -> Result<PlanReply, ProtocolError> {
+        match m {
+            Message::Planned { answers } => Ok(PlanReply::Answers(answers)),
+            Message::Refused { reason, temporary } => Ok(PlanReply::Refused { reason, temporary }),
+            other => Err(unexpected(&other, "planned")),
         }
     }
 }
@@ -339,7 +481,7 @@ impl TryFrom<Message> for Stored {
     fn try_from(m: Message) -> Result<Stored, ProtocolError> {
         match m {
             Message::Received { bytes } => Ok(Stored::Received { bytes }),
-            Message::StreamFailed { reason } => Ok(Stored::Failed { reason }),
+            Message::StreamFailed { reason, temporary } => Ok(Stored::Failed { reason, temporary }),
             other => Err(unexpected(&other, "received")),
         }
     }
@@ -457,7 +599,10 @@ mod tests {
         }
         for r in [
             Stored::Received { bytes: 3 },
-            Stored::Failed { reason: "x".into() },
+            Stored::Failed {
+                reason: "x".into(),
+                temporary: true,
+            },
         ] {
             assert_eq!(Stored::try_from(Message::from(r.clone())).unwrap(), r);
         }
