@@ -36,22 +36,33 @@ fn requests_since(recv: &Receiver, from: usize) -> [usize; 7] {
     sum
 }
 
-/// Runs the sender (`-t 4`) and waits until the receiver logged the end
-/// of its `connections` (a worker's each, up to 4, and cleanbuffer's);
-/// returns the requests they made.
+/// Runs the sender (`-t 4`, its `zfs` spied by `spy`) and waits until the
+/// receiver logged the end of its `connections` (a worker's each, up to
+/// 4, and cleanbuffer's); returns the requests they made.
 fn run_and_count(
     certs: &Certs,
     recv: &Receiver,
     src: &str,
+    spy: &ZfsSpy,
     connections: usize,
     expect: &str,
 ) -> [usize; 7] {
     let from = recv.log().len();
     let before = recv.log().matches("requests: plan ").count();
     let port = recv.port.to_string();
+    spy.clear();
     let run = send(
         &certs.sender_args(),
-        &["-p", &port, "-t", "4", src, "127.0.0.1"],
+        &[
+            "-p",
+            &port,
+            "-t",
+            "4",
+            "--zfs",
+            &spy.script,
+            src,
+            "127.0.0.1",
+        ],
     );
     run.assert_code(0).assert_stdout_has(expect);
     recv.wait_for_log(
@@ -74,6 +85,7 @@ fn a_tree_costs_one_plan_and_a_dataset_one_put() {
     create_tree(&src, &rels.iter().map(String::as_str).collect::<Vec<_>>());
     zfs(&["snapshot", "-r", &format!("{src}@s1")]);
     let spy = ZfsSpy::new();
+    let sender_spy = ZfsSpy::new();
     let recv = Receiver::start(&dst, &certs.receiver_args(), &["--zfs", &spy.script]);
 
     // First run: every dataset new, one Put each, no Sync, Stream or
@@ -82,6 +94,7 @@ fn a_tree_costs_one_plan_and_a_dataset_one_put() {
         &certs,
         &recv,
         &src,
+        &sender_spy,
         5,
         "datasets: 9 (0 up to date, 9 sent, 0 failed)",
     );
@@ -100,6 +113,7 @@ fn a_tree_costs_one_plan_and_a_dataset_one_put() {
         &certs,
         &recv,
         &src,
+        &sender_spy,
         2,
         "datasets: 9 (9 up to date, 0 sent, 0 failed)",
     );
@@ -116,11 +130,18 @@ fn a_tree_costs_one_plan_and_a_dataset_one_put() {
         &certs,
         &recv,
         &src,
+        &sender_spy,
         5,
         "datasets: 9 (0 up to date, 9 sent, 0 failed)",
     );
     assert_eq!(n, [1, 9, 9, 0, 0, 0, 0], "{}", recv.log());
     assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+    // The sender: one `zfs send` per dataset, and O(1) calls besides
+    // (the listing, the confirmations of the run).
+    let calls = sender_spy.calls();
+    let sends = calls.iter().filter(|c| c.starts_with("send")).count();
+    assert_eq!(sends, 9, "{calls:?}");
+    assert!(calls.len() - sends <= 4, "{calls:?}");
 }
 
 /// Streams `zfs send [-i from] ds@to` as the data of an eager stream the
