@@ -91,7 +91,7 @@ fn a_tree_costs_one_plan_and_a_dataset_one_put() {
     // First run: every dataset new, one Put each, no Sync, Stream or
     // Finish; one plan for the tree.
     let n = run_and_count(
-        &certs,
+        certs,
         &recv,
         &src,
         &sender_spy,
@@ -110,7 +110,7 @@ fn a_tree_costs_one_plan_and_a_dataset_one_put() {
     // Nothing new: the plan is all; the receiver runs only its listing.
     spy.clear();
     let n = run_and_count(
-        &certs,
+        certs,
         &recv,
         &src,
         &sender_spy,
@@ -127,7 +127,7 @@ fn a_tree_costs_one_plan_and_a_dataset_one_put() {
     // A new snapshot: one Put per dataset again.
     zfs(&["snapshot", "-r", &format!("{src}@s2")]);
     let n = run_and_count(
-        &certs,
+        certs,
         &recv,
         &src,
         &sender_spy,

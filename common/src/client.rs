@@ -96,6 +96,12 @@ pub struct ClientOptions {
 
 pub struct Client {
     conn: TlsConnection,
+    /// Answers the receiver owes for streams ended with
+    /// [`Client::end_deferred`], not read yet.
+    owed: usize,
+    /// Owed answers read early (another request's answer came after
+    /// them), oldest first, until [`Client::owed_reply`] takes them.
+    early: std::collections::VecDeque<Result<Message, ProtocolError>>,
     /// The receiver's `zfs` and what it can do.
     peer: Caps,
     /// The best path both ends support.
@@ -138,6 +144,8 @@ impl Client {
         };
         Ok(Client {
             conn,
+            owed: 0,
+            early: Default::default(),
             path: SendPath::choose(&opts.caps, &peer),
             peer,
         })
@@ -164,7 +172,54 @@ impl Client {
         req: Request,
     ) -> Result<R, ClientError> {
         self.conn.send(req.into()).await?;
-        Ok(R::try_from(self.conn.read_msg().await?)?)
+        Ok(R::try_from(self.read_reply().await?)?)
+    }
+
+    /// The answer to the latest request: the answers still owed for
+    /// earlier streams come first on the wire and are kept for
+    /// [`Client::owed_reply`].
+    async fn read_reply(&mut self) -> Result<Message, ProtocolError> {
+        while self.owed > 0 {
+            let m = self.conn.read_msg().await;
+            let lost = m.is_err();
+            self.early.push_back(m);
+            self.owed -= 1;
+            if lost {
+                return Err(ProtocolError::Closed);
+            }
+        }
+        self.conn.read_msg().await
+    }
+
+    /// Ends a dataset's last eager stream without waiting for the answer
+    /// (it is read later with [`Client::owed_reply`]): the next dataset's
+    /// stream goes out meanwhile, so a dataset costs no round trip.
+    pub async fn end_deferred(&mut self, bytes: u64) -> Result<(), ClientError> {
+        self.conn.send(Message::End { bytes }).await?;
+        self.owed += 1;
+        Ok(())
+    }
+
+    /// Answers owed for streams ended with [`Client::end_deferred`].
+    pub fn owes(&self) -> usize {
+        self.owed + self.early.len()
+    }
+
+    /// The oldest owed answer, as [`Client::end_landed`] gives it.
+    pub async fn owed_reply(&mut self) -> Result<Finished, ClientError> {
+        let m = match self.early.pop_front() {
+            Some(m) => m,
+            None if self.owed > 0 => {
+                self.owed -= 1;
+                self.conn.read_msg().await
+            }
+            None => {
+                return Err(ClientError::Protocol(ProtocolError::Local(
+                    "internal error: no answer is owed".into(),
+                )))
+            }
+        };
+        landed(Landed::try_from(m?)?)
     }
 
     /// Asks what a dataset needs (`dry_run`: the answer only, with no
@@ -213,15 +268,7 @@ impl Client {
     /// finishes the dataset.
     pub async fn end_landed(&mut self, bytes: u64) -> Result<Finished, ClientError> {
         self.conn.send(Message::End { bytes }).await?;
-        match Landed::try_from(self.conn.read_msg().await?)? {
-            Landed::Done(f) => Ok(f),
-            Landed::Failed {
-                reason,
-                temporary: true,
-            } => Err(ClientError::TryAgain(reason)),
-            Landed::Failed { reason, .. } => Err(ClientError::StreamFailed(reason)),
-            Landed::Refused { reason, .. } => Err(ClientError::Refused(reason)),
-        }
+        landed(Landed::try_from(self.read_reply().await?)?)
     }
 
     /// The token of a resumable state could not be used here: the receiver
@@ -301,7 +348,7 @@ impl Client {
     /// Declares the stream whole; the receiver commits it and answers.
     pub async fn end_stream(&mut self, bytes: u64) -> Result<u64, ClientError> {
         self.conn.send(Message::End { bytes }).await?;
-        match Stored::try_from(self.conn.read_msg().await?)? {
+        match Stored::try_from(self.read_reply().await?)? {
             Stored::Received { bytes } => Ok(bytes),
             Stored::Failed {
                 reason,
@@ -319,7 +366,7 @@ impl Client {
                 reason: reason.to_string(),
             })
             .await?;
-        match Stored::try_from(self.conn.read_msg().await?)? {
+        match Stored::try_from(self.read_reply().await?)? {
             Stored::Failed { .. } => Ok(()),
             Stored::Received { .. } => Err(ClientError::Protocol(ProtocolError::Unexpected {
                 got: "received".into(),
@@ -357,6 +404,19 @@ impl Client {
 
     pub async fn bye(mut self) {
         let _ = self.conn.send(Request::Bye.into()).await;
+    }
+}
+
+/// The answer to a dataset's last stream, as the caller sees it.
+fn landed(l: Landed) -> Result<Finished, ClientError> {
+    match l {
+        Landed::Done(f) => Ok(f),
+        Landed::Failed {
+            reason,
+            temporary: true,
+        } => Err(ClientError::TryAgain(reason)),
+        Landed::Failed { reason, .. } => Err(ClientError::StreamFailed(reason)),
+        Landed::Refused { reason, .. } => Err(ClientError::Refused(reason)),
     }
 }
 

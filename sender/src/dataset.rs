@@ -13,7 +13,7 @@ use zfsync_common::zfs::{SendWhat, Snapshot, ZfsError};
 
 use crate::error::DatasetError;
 use crate::report::{human_bytes, SendKind, Status};
-use crate::stream::{self, Announce, Outgoing};
+use crate::stream::{self, Announce, Ending, Outgoing};
 use crate::worker::Job;
 use crate::Options;
 
@@ -173,14 +173,17 @@ pub(crate) async fn sync(
         } else {
             Announce::More
         };
-        let last = i + 1 == plan.len();
+        let ending = if i + 1 == plan.len() {
+            Ending::Finish
+        } else {
+            Ending::Stored
+        };
         let sent = stream::send_step(
             client,
             opts.zfs.as_ref(),
             &job.dataset,
             step,
-            announce,
-            last,
+            (announce, ending),
             shutdown,
         )
         .await?;
@@ -199,6 +202,104 @@ pub(crate) async fn sync(
         to: snaps.last().map(|s| s.name.to_string()).unwrap_or_default(),
         snapshots: count,
         bytes,
+        buffered: finished.buffered,
+        placed: false,
+        mirrored: finished.pruned.len(),
+    })
+}
+
+/// A dataset whose one stream went out with its answer owed (see
+/// [`launch`]); [`land`] reads the answer.
+#[derive(Debug)]
+pub(crate) struct Flight {
+    kind: SendKind,
+    from: Option<String>,
+    to: String,
+    snapshots: usize,
+    bytes: u64,
+}
+
+/// The plan's answer for `job` and the one step it takes, when it takes
+/// exactly one (an incremental, a new dataset with one snapshot): such a
+/// dataset can be launched without waiting for its answer.
+fn one_step(job: &Job, path: SendPath) -> Option<(Decision, SendKind, usize)> {
+    let snaps = &job.dataset.snapshots;
+    let Ok(Next::Send {
+        decision,
+        kind,
+        count,
+    }) = decide(job.plan.clone()?, snaps.len(), 0)
+    else {
+        return None;
+    };
+    (steps_with_bookmarks(snaps, bookmarks(job, path), &decision).len() == 1)
+        .then_some((decision, kind, count))
+}
+
+/// Can `job` go out with [`launch`]?
+pub(crate) fn launchable(job: &Job, opts: &Options, path: SendPath) -> bool {
+    let sendable = !job.dataset.snapshots.is_empty() && (path.raw || !job.dataset.encrypted);
+    !opts.dry_run && sendable && one_step(job, path).is_some()
+}
+
+/// Sends a dataset the plan said takes one stream ([`launchable`]):
+/// `Put`, the data, `End`, and does not wait for the answer, which
+/// [`land`] reads once the next dataset is on its way.
+pub(crate) async fn launch(
+    client: &mut Client,
+    opts: &Options,
+    job: &Job,
+    shutdown: &CancellationToken,
+) -> Result<Flight, DatasetError> {
+    let path = client.path();
+    let request = match request(job, opts, path, &client.peer_caps().version) {
+        Ok(r) => r,
+        Err(Err(e)) => return Err(e),
+        Err(Ok(_)) => return Err(DatasetError::ResumeTwice),
+    };
+    let Some((decision, kind, count)) = one_step(job, path) else {
+        return Err(DatasetError::ResumeTwice);
+    };
+    if let Decision::Full { reason, .. } = &decision {
+        tracing::warn!(dataset = %job.dataset.name, "replacing the receiver's copy (--full): {reason}");
+    }
+    let snaps = &job.dataset.snapshots;
+    let bookmarks = bookmarks(job, path);
+    let plan = steps_with_bookmarks(snaps, bookmarks, &decision);
+    let mut bytes = 0;
+    for step in &plan {
+        bytes += stream::send_step(
+            client,
+            opts.zfs.as_ref(),
+            &job.dataset,
+            step,
+            (Announce::Put(&request), Ending::Defer),
+            shutdown,
+        )
+        .await?
+        .bytes;
+    }
+    Ok(Flight {
+        kind,
+        from: base_name(&decision, snaps, bookmarks),
+        to: snaps.last().map(|s| s.name.to_string()).unwrap_or_default(),
+        snapshots: count,
+        bytes,
+    })
+}
+
+/// Reads the answer owed for a launched dataset.
+pub(crate) async fn land(client: &mut Client, flight: Flight) -> Result<Status, DatasetError> {
+    let finished = client
+        .owed_reply()
+        .await
+        .map_err(DatasetError::Connection)?;
+    Ok(Status::Sent {
+        kind: flight.kind,
+        from: flight.from,
+        to: flight.to,
+        snapshots: flight.snapshots,
+        bytes: flight.bytes,
         buffered: finished.buffered,
         placed: false,
         mirrored: finished.pruned.len(),
@@ -412,7 +513,7 @@ async fn resume(
         to_snap: to,
         resume: true,
         announce: Announce::Checked,
-        finish: false,
+        ending: Ending::Stored,
     };
     let bytes = stream::pipe(client, opts.zfs.as_ref(), &out, shutdown)
         .await

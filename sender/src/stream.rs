@@ -36,6 +36,20 @@ pub(crate) enum Announce<'a> {
     More,
 }
 
+/// How a stream is ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// `End`, answered `Received` (not the dataset's last stream, or a
+    /// checked one).
+    Stored,
+    /// The dataset's last eager stream: `End` also finishes it, answered
+    /// `Done`.
+    Finish,
+    /// As `Finish`, but the answer is read later
+    /// ([`Client::owed_reply`]): the next dataset goes out meanwhile.
+    Defer,
+}
+
 /// What a sent stream brought.
 #[derive(Debug, Default)]
 pub(crate) struct Sent {
@@ -57,19 +71,18 @@ pub(crate) struct Outgoing<'a> {
     /// [`Announce::Checked`].
     pub resume: bool,
     pub announce: Announce<'a>,
-    /// The dataset's last stream: its `End` also finishes the dataset.
-    pub finish: bool,
+    /// [`Ending::Stored`] for a checked announcement.
+    pub ending: Ending,
 }
 
-/// Sends one step of a dataset's plan, announced as `announce`; `finish`:
-/// the dataset's last step.
+/// Sends one step of a dataset's plan, announced as `announce`, ended as
+/// `ending`.
 pub(crate) async fn send_step(
     client: &mut Client,
     zfs: &dyn ZfsBackend,
     dataset: &Dataset,
     step: &Step<'_>,
-    announce: Announce<'_>,
-    finish: bool,
+    (announce, ending): (Announce<'_>, Ending),
     shutdown: &CancellationToken,
 ) -> Result<Sent, DatasetError> {
     let to = dataset
@@ -98,7 +111,7 @@ pub(crate) async fn send_step(
         to_snap: step.to,
         resume: false,
         announce,
-        finish,
+        ending,
     };
     pipe(client, zfs, &out, shutdown).await
 }
@@ -116,6 +129,7 @@ pub(crate) async fn pipe(
     out: &Outgoing<'_>,
     shutdown: &CancellationToken,
 ) -> Result<Sent, DatasetError> {
+    let finish = out.ending != Ending::Stored;
     let eager = |finish| EagerStream {
         from_guid: out.from_guid,
         to: WireSnap::from(out.to_snap),
@@ -132,8 +146,8 @@ pub(crate) async fn pipe(
     let spawned = zfs.spawn_send(out.what, out.flags);
     let announced = match (out.announce, &spawned) {
         (Announce::Checked, _) | (_, Err(_)) => Ok(()),
-        (Announce::Put(sync), Ok(_)) => client.put(sync, eager(out.finish)).await,
-        (Announce::More, Ok(_)) => client.more(eager(out.finish)).await,
+        (Announce::Put(sync), Ok(_)) => client.put(sync, eager(finish)).await,
+        (Announce::More, Ok(_)) => client.more(eager(finish)).await,
     };
     if let Err(e) = announced {
         if let Ok(mut child) = spawned {
@@ -203,19 +217,27 @@ pub(crate) async fn pipe(
             connection_lost: told.is_err_and(|e| e.is_connection_lost()),
         });
     }
-    let finished = if out.finish && !matches!(out.announce, Announce::Checked) {
-        Some(
+    let finished = match out.ending {
+        Ending::Finish => Some(
             client
                 .end_landed(bytes)
                 .await
                 .map_err(DatasetError::Connection)?,
-        )
-    } else {
-        client
-            .end_stream(bytes)
-            .await
-            .map_err(DatasetError::Connection)?;
-        None
+        ),
+        Ending::Defer => {
+            client
+                .end_deferred(bytes)
+                .await
+                .map_err(DatasetError::Connection)?;
+            None
+        }
+        Ending::Stored => {
+            client
+                .end_stream(bytes)
+                .await
+                .map_err(DatasetError::Connection)?;
+            None
+        }
     };
     let secs = started.elapsed().as_secs_f64().max(1e-6);
     tracing::info!(%to, bytes, "sent {} in {secs:.1} s ({}/s)", human_bytes(bytes), human_bytes((bytes as f64 / secs) as u64));

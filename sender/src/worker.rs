@@ -13,7 +13,7 @@ use zfsync_common::naming::RelPath;
 use zfsync_common::protocol::SyncReply;
 use zfsync_common::zfs::Dataset;
 
-use crate::dataset;
+use crate::dataset::{self, Flight};
 use crate::error::{Class, DatasetError};
 use crate::report::{Outcome, Status};
 use crate::Options;
@@ -100,6 +100,11 @@ impl Queue {
         lock(&self.jobs).push_back(job);
     }
 
+    /// Back to the front: not started (its connection was lost first).
+    fn push_front(&self, job: Job) {
+        lock(&self.jobs).push_front(job);
+    }
+
     fn record(&self, outcome: Outcome) {
         lock(&self.done).push(outcome);
     }
@@ -158,6 +163,13 @@ fn then(e: &DatasetError, tries: u32) -> Then {
 /// receiver calls busy goes back to the end of the queue a few times. A
 /// stop is seen between datasets and between streams; a stream in flight
 /// is aborted (see [`crate::stream::pipe`]).
+///
+/// A dataset that takes one stream with the plan's answer is launched
+/// ([`dataset::launch`]) and its answer read only once the next dataset
+/// is on its way ([`dataset::land`]): one answer is owed at most, and a
+/// dataset costs no round trip. A connection lost while an answer is owed
+/// fails that dataset (the receiver was on it); the one launched after it
+/// is asked about afresh on the next connection.
 pub(crate) async fn worker(
     id: usize,
     mut client: Option<Client>,
@@ -165,6 +177,7 @@ pub(crate) async fn worker(
     queue: &Queue,
     shutdown: &CancellationToken,
 ) {
+    let mut flight: Option<(Job, Flight)> = None;
     while !shutdown.is_cancelled() {
         if client.is_none() {
             match connect(&opts.client, shutdown).await {
@@ -179,9 +192,48 @@ pub(crate) async fn worker(
         let Some(c) = client.as_mut() else {
             return;
         };
-        let Some(mut job) = queue.pop() else {
+        let Some(job) = queue.pop() else {
+            // The last answer may put its dataset back in the queue.
+            if flight.is_some() {
+                if land(id, c, queue, flight.take()).await {
+                    client = None;
+                }
+                continue;
+            }
             break;
         };
+        if dataset::launchable(&job, opts, c.path()) {
+            let launched = dataset::launch(c, opts, &job, shutdown).await;
+            // The previous dataset's answer came meanwhile.
+            let lost = land(id, c, queue, flight.take()).await;
+            match launched {
+                Ok(f) if !lost => {
+                    flight = Some((job, f));
+                    continue;
+                }
+                // The connection went while the receiver was still on the
+                // previous dataset, which is failed for it; this one is
+                // asked about afresh on the next connection.
+                Ok(_) => queue.push_front(Job { plan: None, ..job }),
+                Err(e) if lost && e.connection_lost() => {
+                    queue.push_front(Job { plan: None, ..job })
+                }
+                Err(e) => {
+                    if conclude(id, queue, job, Err(e)) {
+                        client = None;
+                    }
+                }
+            }
+            if lost {
+                client = None;
+            }
+            continue;
+        }
+        if land(id, c, queue, flight.take()).await {
+            client = None;
+            queue.push_front(job);
+            continue;
+        }
         if job.tries > 0 {
             let pause = tokio::time::sleep(Duration::from_secs(u64::from(job.tries)));
             tokio::select! {
@@ -192,43 +244,67 @@ pub(crate) async fn worker(
                 }
             }
         }
-        let status = match dataset::sync(c, opts, &job, shutdown).await {
-            Ok(status) => status,
-            Err(e) => {
-                if e.connection_lost() {
-                    client = None;
-                }
-                if then(&e, job.tries) == Then::Requeue {
-                    tracing::info!(worker = id, dataset = %job.dataset.name, "busy on the receiver; trying again later");
-                    job.tries += 1;
-                    // Asked afresh: the plan's answer is out of date.
-                    job.plan = None;
-                    queue.push_back(job);
-                    continue;
-                }
-                if matches!(e, DatasetError::Busy { .. }) && queue.defer(&job) {
-                    tracing::info!(worker = id, dataset = %job.dataset.name, "still busy on the receiver; tried again after cleanbuffer");
-                    continue;
-                }
-                Status::Failed {
-                    reason: e.to_string(),
-                }
-            }
-        };
-        match &status {
-            Status::Failed { reason } => {
-                tracing::warn!(worker = id, dataset = %job.dataset.name, "failed: {reason}")
-            }
-            other => tracing::info!(worker = id, dataset = %job.dataset.name, ?other, "done"),
+        let result = dataset::sync(c, opts, &job, shutdown).await;
+        if conclude(id, queue, job, result) {
+            client = None;
         }
-        queue.record(Outcome {
-            dataset: job.dataset.name,
-            status,
-        });
+    }
+    if let Some(c) = client.as_mut() {
+        if land(id, c, queue, flight.take()).await {
+            return;
+        }
     }
     if let Some(c) = client {
         c.bye().await;
     }
+}
+
+/// Reads the answer owed for a launched dataset (if any) and records it;
+/// true when the connection is lost.
+async fn land(id: usize, c: &mut Client, queue: &Queue, flight: Option<(Job, Flight)>) -> bool {
+    let Some((job, f)) = flight else {
+        return false;
+    };
+    let result = dataset::land(c, f).await;
+    conclude(id, queue, job, result)
+}
+
+/// Records what became of a dataset, or puts it back in the queue (busy,
+/// see [`then`]); true when the connection is lost.
+fn conclude(id: usize, queue: &Queue, mut job: Job, result: Result<Status, DatasetError>) -> bool {
+    let mut lost = false;
+    let status = match result {
+        Ok(status) => status,
+        Err(e) => {
+            lost = e.connection_lost();
+            if then(&e, job.tries) == Then::Requeue {
+                tracing::info!(worker = id, dataset = %job.dataset.name, "busy on the receiver; trying again later");
+                job.tries += 1;
+                // Asked afresh: the plan's answer is out of date.
+                job.plan = None;
+                queue.push_back(job);
+                return lost;
+            }
+            if matches!(e, DatasetError::Busy { .. }) && queue.defer(&job) {
+                tracing::info!(worker = id, dataset = %job.dataset.name, "still busy on the receiver; tried again after cleanbuffer");
+                return lost;
+            }
+            Status::Failed {
+                reason: e.to_string(),
+            }
+        }
+    };
+    match &status {
+        Status::Failed { reason } => {
+            tracing::warn!(worker = id, dataset = %job.dataset.name, "failed: {reason}")
+        }
+        other => tracing::info!(worker = id, dataset = %job.dataset.name, ?other, "done"),
+    }
+    queue.record(Outcome {
+        dataset: job.dataset.name,
+        status,
+    });
+    lost
 }
 
 #[cfg(test)]
