@@ -233,6 +233,7 @@ async fn a_plan_locks_nothing_and_a_refused_put_is_read_past_to_its_end() {
                 from_guid: None,
                 to: wire(&snaps[1]),
                 finish: true,
+                compressed: false,
             },
         )
         .await
@@ -260,6 +261,7 @@ async fn a_plan_locks_nothing_and_a_refused_put_is_read_past_to_its_end() {
             from_guid: Some(snaps[0].guid),
             to: wire(&snaps[1]),
             finish: true,
+            compressed: false,
         },
     )
     .await

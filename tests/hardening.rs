@@ -294,6 +294,7 @@ async fn hostile_inputs_are_refused_and_nothing_changes() {
             "a stream without a sync",
             Some(Message::Stream {
                 resume: false,
+                compressed: false,
                 from_guid: None,
                 to: snap("s1", 1),
             }),

@@ -303,6 +303,7 @@ async fn hostile_names_are_refused_and_nothing_changes() {
     c.connection()
         .send(Message::Stream {
             resume: false,
+            compressed: false,
             from_guid: None,
             to: good[0].clone(),
         })

@@ -5,13 +5,17 @@
 //! frames. Every case must be refused before the bytes reach `zfs
 //! receive`; an honest `-I` stream in odd frame sizes must still pass.
 //! The validator itself is also run over real streams in random splits.
+//! Streams announced compressed (`--compress`) with damaged, non-zstd or
+//! zip-bomb frames are refused before anything is decompressed into
+//! memory or reaches `zfs receive`.
 
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
-use zfsync_common::client::{Client, ClientOptions};
+use zfsync_common::client::{Client, ClientOptions, Transit};
+use zfsync_common::compress::{Deflater, MAX_INFLATED};
 use zfsync_common::naming::{RelPath, SnapName};
-use zfsync_common::protocol::{SyncReply, SyncRequest};
+use zfsync_common::protocol::{Bytes, ProtocolError, SyncReply, SyncRequest};
 use zfsync_common::stream::{Allow, Expect, Validator, RECORD};
 use zfsync_common::zfs::Snapshot;
 use zfsync_e2e::*;
@@ -472,4 +476,111 @@ fn real_streams_pass_the_validator_in_any_split() {
             }
         }
     }
+}
+
+/// A real stream's announcement marked `compressed`, then `frame` as its
+/// one data frame and `End`: the receiver's answer (an error when it ends
+/// the connection).
+async fn compressed_attempt(
+    opts: &ClientOptions,
+    rel: &RelPath,
+    snap: &Snapshot,
+    frame: Vec<u8>,
+    end: u64,
+) -> Result<zfsync_common::protocol::Message, ProtocolError> {
+    let mut c = Client::connect(opts).await.unwrap();
+    assert!(c.compressing(), "the receiver announces zstd");
+    assert_eq!(
+        c.sync(&SyncRequest::new(rel, std::slice::from_ref(snap)))
+            .await
+            .unwrap(),
+        SyncReply::New { buffered: false }
+    );
+    c.begin_stream(None, snap).await.unwrap();
+    let conn = c.connection();
+    conn.send_data(Bytes::from(frame)).await?;
+    conn.send(zfsync_common::protocol::Message::End { bytes: end })
+        .await?;
+    conn.read_msg().await
+}
+
+/// ING2 (--compress): a compressed frame that is damaged, not zstd at all, or a zip bomb (4 MiB + 1 of zeros in under 1 KiB) is a refused stream: the connection ends saying why, zfs receive never commits, the receiver's memory does not grow by the bomb, and the same stream compressed honestly is then received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_and_oversized_compressed_frames_are_refused() {
+    let certs = Certs::shared();
+    let a = Pool::new("shzst");
+    let b = Pool::new("shzst");
+    let src = a.ds("src");
+    zfs(&["create", &src]);
+    write_file(&src, "f.txt", "zfsync\n".repeat(10_000).as_bytes());
+    zfs(&["snapshot", &format!("{src}@s1")]);
+    let guid: u64 = zfs(&[
+        "get",
+        "-H",
+        "-p",
+        "-o",
+        "value",
+        "guid",
+        &format!("{src}@s1"),
+    ])
+    .trim()
+    .parse()
+    .unwrap();
+    let s1 = Snapshot {
+        name: SnapName::new("s1").unwrap(),
+        guid,
+        createtxg: 7,
+    };
+    let stream = send_bytes(&[&format!("{src}@s1")]);
+    zfs(&["create", &b.ds("t")]);
+    let recv = Receiver::start(&b.ds("t"), &certs.receiver_args(), &[]);
+    let before = pool_state(&b.name);
+    let mut opts = options(certs, recv.port);
+    opts.transit = Transit::new(Some(3), None);
+    let rel = RelPath::new("/z").unwrap();
+    let mut zstd = Deflater::new(3).unwrap();
+    let mut damaged = zstd.compress(&stream).unwrap();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x5a;
+    let bomb = zstd.compress(&vec![0u8; MAX_INFLATED + 1]).unwrap();
+    assert!(bomb.len() < 1 << 10);
+    let rss_before = peak_rss_kib(recv.pid());
+    let n = stream.len() as u64;
+    for (what, frame, says) in [
+        ("damaged", damaged, "corrupt compressed data frame"),
+        ("not zstd", stream.clone(), "not a zstd frame"),
+        ("a zip bomb", bomb, "at most 4194304 are accepted"),
+    ] {
+        match compressed_attempt(&opts, &rel, &s1, frame, n).await {
+            Err(ProtocolError::Peer(reason)) => {
+                assert!(reason.contains("refused stream"), "{what}: {reason}");
+                assert!(reason.contains(says), "{what}: {reason}");
+            }
+            other => panic!("{what}: expected the receiver's refusal, got {other:?}"),
+        }
+        assert_eq!(pool_state(&b.name), before, "{what}: nothing received");
+    }
+    let rss = peak_rss_kib(recv.pid());
+    assert!(
+        rss < rss_before + 16 * 1024,
+        "the receiver grew from {rss_before} to {rss} KiB"
+    );
+    assert!(recv.log().contains("refused stream"), "{}", recv.log());
+    // The honest stream, compressed by the client, is received whole.
+    let mut c = Client::connect(&opts).await.unwrap();
+    assert_eq!(
+        c.sync(&SyncRequest::new(&rel, std::slice::from_ref(&s1)))
+            .await
+            .unwrap(),
+        SyncReply::New { buffered: false }
+    );
+    c.begin_stream(None, &s1).await.unwrap();
+    let sent = c.pump_counted(&mut &stream[..], |_| {}).await.unwrap();
+    assert!(sent.wire < sent.bytes, "{sent:?}");
+    assert_eq!(c.end_stream(sent.bytes).await.unwrap(), n);
+    assert_eq!(
+        snapshot_guids(&b.ds("t/z")),
+        snapshot_guids(&src),
+        "the replica has the sender's snapshot"
+    );
 }

@@ -2,10 +2,11 @@
 //! datasets. The sender's workers use it, and so do the end-to-end tests
 //! that drive a receiver step by step.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use thiserror::Error;
@@ -15,6 +16,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::caps::{Caps, SendPath};
+use crate::compress::Deflater;
 use crate::model::Snapshot;
 use crate::protocol::{
     handshake, CleanReply, CleanRequest, Connection, EagerStream, FinishReply, Landed, Message,
@@ -22,6 +24,7 @@ use crate::protocol::{
     WireSnap, DATA_CHUNK,
 };
 pub use crate::protocol::{CleanReport, Finished};
+use crate::throttle::{Bucket, Rate};
 use crate::tls::explain_client_error;
 
 pub type TlsConnection = Connection<TlsStream<TcpStream>>;
@@ -92,6 +95,51 @@ pub struct ClientOptions {
     pub read_timeout: Duration,
     /// What the local `zfs` can do (told to the receiver in the handshake).
     pub caps: Caps,
+    /// How data frames travel (`--compress`, `--bwlimit`).
+    pub transit: Transit,
+}
+
+/// How data frames travel, the same for every connection of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Transit {
+    /// Compress streams with zstd at this level (`--compress`), where the
+    /// receiver can decompress them.
+    pub compress: Option<i32>,
+    /// The run's bandwidth limit (`--bwlimit`): one bucket shared by every
+    /// connection.
+    pub bwlimit: Option<Arc<Bucket>>,
+    /// Set once a receiver was found that cannot decompress: the run says
+    /// so once, not once per connection.
+    told_plain: Arc<AtomicBool>,
+}
+
+impl Transit {
+    /// Compress at `compress`'s level (none: plain), within `bwlimit`.
+    pub fn new(compress: Option<i32>, bwlimit: Option<Rate>) -> Transit {
+        Transit {
+            compress,
+            bwlimit: bwlimit.map(|r| Arc::new(Bucket::new(r))),
+            told_plain: Arc::default(),
+        }
+    }
+
+    /// A receiver cannot decompress: streams go plain (said once a run).
+    fn plain_to(&self, addr: &str, software: &str) {
+        if !self.told_plain.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "--compress: the receiver at {addr} ({software}) cannot decompress streams; sending them uncompressed (update zfsync there to compress)"
+            );
+        }
+    }
+}
+
+/// What [`Client::pump_counted`] sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pumped {
+    /// The stream's bytes (what `End{bytes}` declares).
+    pub bytes: u64,
+    /// The data frames' bytes on the wire (fewer when compressed).
+    pub wire: u64,
 }
 
 pub struct Client {
@@ -106,6 +154,13 @@ pub struct Client {
     peer: Caps,
     /// The best path both ends support.
     path: SendPath,
+    /// The zstd level streams are compressed with on this connection (the
+    /// receiver can decompress them).
+    zstd: Option<i32>,
+    /// Made at the first compressed frame, then reused.
+    deflater: Option<Deflater>,
+    /// The run's bandwidth limit, shared with its other connections.
+    bucket: Option<Arc<Bucket>>,
 }
 
 impl Client {
@@ -135,20 +190,37 @@ impl Client {
         })?
         .map_err(|e| ClientError::Tls(explain_client_error(&e.to_string(), &opts.server_name)))?;
         let mut conn = Connection::new(tls, opts.read_timeout, opts.read_timeout);
-        let peer = match handshake::client(&mut conn, &opts.run_id, &opts.caps).await {
-            Ok(peer) => peer,
+        let welcomed = match handshake::client(&mut conn, &opts.run_id, &opts.caps).await {
+            Ok(w) => w,
             Err(ProtocolError::Version { ours, theirs }) => {
                 return Err(ClientError::Version { ours, theirs })
             }
             Err(e) => return Err(tls_rejection(e, &opts.server_name)),
         };
+        let zstd = match opts.transit.compress {
+            Some(level) if welcomed.zstd => Some(level),
+            Some(_) => {
+                opts.transit.plain_to(&addr, &welcomed.caps.version);
+                None
+            }
+            None => None,
+        };
         Ok(Client {
             conn,
             owed: 0,
             early: Default::default(),
-            path: SendPath::choose(&opts.caps, &peer),
-            peer,
+            path: SendPath::choose(&opts.caps, &welcomed.caps),
+            peer: welcomed.caps,
+            zstd,
+            deflater: None,
+            bucket: opts.transit.bwlimit.clone(),
         })
+    }
+
+    /// Streams on this connection are compressed (`--compress`, and the
+    /// receiver can decompress).
+    pub fn compressing(&self) -> bool {
+        self.zstd.is_some()
     }
 
     /// The receiver's `zfs` and its capabilities, from the handshake.
@@ -248,19 +320,23 @@ impl Client {
     /// Opens a dataset and starts its first stream in one message
     /// (`Put`); pump the data at once, then end with [`Client::end_stream`]
     /// or, for the dataset's last stream, [`Client::end_landed`].
+    /// `stream.compressed` is set here, from the connection.
     pub async fn put(
         &mut self,
         sync: &SyncRequest,
-        stream: EagerStream,
+        mut stream: EagerStream,
     ) -> Result<(), ClientError> {
+        stream.compressed = self.compressing();
         Ok(self
             .conn
             .send(Request::Put(sync.clone(), stream).into())
             .await?)
     }
 
-    /// Starts the open dataset's next stream (`More`), data at once.
-    pub async fn more(&mut self, stream: EagerStream) -> Result<(), ClientError> {
+    /// Starts the open dataset's next stream (`More`), data at once
+    /// (`stream.compressed` set as for [`Client::put`]).
+    pub async fn more(&mut self, mut stream: EagerStream) -> Result<(), ClientError> {
+        stream.compressed = self.compressing();
         Ok(self.conn.send(Request::More(stream).into()).await?)
     }
 
@@ -308,6 +384,7 @@ impl Client {
             from_guid,
             to: WireSnap::from(to),
             resume,
+            compressed: self.compressing(),
         });
         match self.ask(req).await? {
             StreamReply::Ready => Ok(()),
@@ -320,14 +397,26 @@ impl Client {
     pub async fn pump<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
-        mut progress: impl FnMut(u64),
+        progress: impl FnMut(u64),
     ) -> Result<u64, ClientError> {
-        let mut total = 0u64;
+        Ok(self.pump_counted(reader, progress).await?.bytes)
+    }
+
+    /// [`Client::pump`], counting the bytes on the wire too. Each chunk
+    /// is compressed into one zstd frame when the connection compresses,
+    /// and waits for the run's bandwidth limit before it goes out.
+    pub async fn pump_counted<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Pumped, ClientError> {
+        let chunk = self.bucket.as_ref().map_or(DATA_CHUNK, |b| b.chunk());
+        let mut sent = Pumped::default();
         loop {
-            let mut buf = BytesMut::with_capacity(DATA_CHUNK);
+            let mut buf = BytesMut::with_capacity(chunk);
             // Whole chunks: fewer frames and TLS records. A slow source only
             // delays the chunk; the receiver's idle timeout is minutes.
-            while buf.len() < DATA_CHUNK {
+            while buf.len() < chunk {
                 let n = reader
                     .read_buf(&mut buf)
                     .await
@@ -337,12 +426,40 @@ impl Client {
                 }
             }
             if buf.is_empty() {
-                return Ok(total);
+                return Ok(sent);
             }
-            total += buf.len() as u64;
-            self.conn.send_data(buf.freeze()).await?;
-            progress(total);
+            sent.bytes += buf.len() as u64;
+            let frame = self.deflate(buf).await?;
+            sent.wire += frame.len() as u64;
+            if let Some(bucket) = &self.bucket {
+                bucket.take(frame.len()).await;
+            }
+            self.conn.send_data(frame).await?;
+            progress(sent.bytes);
         }
+    }
+
+    /// A chunk as it goes on the wire: one zstd frame when the connection
+    /// compresses (off the async threads: high levels take a while).
+    async fn deflate(&mut self, chunk: BytesMut) -> Result<Bytes, ClientError> {
+        let Some(level) = self.zstd else {
+            return Ok(chunk.freeze());
+        };
+        let failed = |e: std::io::Error| {
+            ClientError::Source(std::io::Error::other(format!("compressing it: {e}")))
+        };
+        let mut deflater = match self.deflater.take() {
+            Some(d) => d,
+            None => Deflater::new(level).map_err(failed)?,
+        };
+        let (deflater, frame) = tokio::task::spawn_blocking(move || {
+            let frame = deflater.compress(&chunk);
+            (deflater, frame)
+        })
+        .await
+        .map_err(|e| failed(std::io::Error::other(e)))?;
+        self.deflater = Some(deflater);
+        Ok(Bytes::from(frame.map_err(failed)?))
     }
 
     /// Declares the stream whole; the receiver commits it and answers.

@@ -15,6 +15,7 @@ mod accept;
 mod buffer;
 pub mod cli;
 mod finish;
+mod inflate;
 mod ingest;
 mod meter;
 mod open;

@@ -22,7 +22,7 @@ use crate::state::{MemoryBudget, Reservation};
 const SMALL_FRAME: usize = 64 << 10;
 /// Data frames up to this size are read without asking the budget (the
 /// sender's are 256 KiB); they are not decoded.
-const SMALL_DATA: usize = 1 << 20;
+pub(crate) const SMALL_DATA: usize = 1 << 20;
 /// The kind byte of a message frame (see `zfsync_common::protocol`); other
 /// kinds (data) are not decoded.
 const KIND_MSG: u8 = b'M';

@@ -18,6 +18,10 @@
 //!   `zfs receive`), so work in progress ends cleanly;
 //! - a `ResumeFailed` is accepted only for an open resume offer; one
 //!   `cleanbuffer` per connection;
+//! - a stream announced `compressed` has its data frames decompressed as
+//!   they are read ([`crate::inflate`]), before the stream's phase sees
+//!   them; a frame that cannot be is a refused stream, and the connection
+//!   ends;
 //! - memory: a large frame is read only when the receiver's memory budget
 //!   has room for what decoding it takes ([`Metered`]), else it is read
 //!   past unbuffered and refused (as busy when it could fit later); what
@@ -34,6 +38,7 @@ use zfsync_common::protocol::{
     SyncRequest,
 };
 
+use crate::inflate::Inflate;
 use crate::ingest::{self, Frames, IngestError};
 use crate::meter::{Dropped, Metered};
 use crate::open::Open;
@@ -95,6 +100,8 @@ struct Link<S> {
     /// The charges of the last two large data frames of a stream: `zfs
     /// receive` is fed one frame behind, so both may be held.
     data_held: [Option<Reservation>; 2],
+    /// Decompresses the data frames of a stream announced `compressed`.
+    inflate: Inflate,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
@@ -120,6 +127,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Frames for Link<S> {
         match self.next_incoming().await? {
             Incoming::Closed => Ok(None),
             Incoming::Frame(f, admitted) => {
+                let budget = &self.conn.get_ref().budget;
+                let (f, admitted) = self.inflate.frame(f, admitted, budget)?;
                 self.data_held.swap(0, 1);
                 self.data_held[1] = admitted;
                 Ok(Some(f))
@@ -175,6 +184,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 conn,
                 cancel,
                 data_held: [None, None],
+                inflate: Inflate::default(),
             },
             peer,
             open: None,
@@ -253,6 +263,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     continue;
                 }
             };
+            self.link.inflate.expect(match &request {
+                Request::Put(_, s) | Request::More(s) => s.compressed,
+                Request::Stream(s) => s.compressed,
+                _ => false,
+            });
             let served = &mut self.served;
             match &request {
                 Request::Plan(items) => {
@@ -376,6 +391,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             from_guid: eager.from_guid,
             to: eager.to,
             resume: false,
+            compressed: eager.compressed,
         };
         let Some(Held { open, .. }) = self.open.as_ref() else {
             return Err(ProtocolError::Unexpected {

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use zfsync_common::client::ClientOptions;
+use zfsync_common::client::{ClientOptions, Transit};
+use zfsync_common::compress;
 use zfsync_common::naming::{DatasetName, SnapClass};
 use zfsync_common::protocol::DEFAULT_PORT;
+use zfsync_common::throttle::Rate;
 use zfsync_common::tls::{client_config, TlsFiles};
 use zfsync_common::zfs::Zfs;
 
@@ -76,6 +78,19 @@ pub struct Args {
     /// dataset failed in the run.
     #[arg(long)]
     pub delete_missing: bool,
+    /// Compress streams in transit with zstd (for slow links; costs CPU on
+    /// both ends). A receiver that cannot decompress gets them plain.
+    #[arg(long)]
+    pub compress: bool,
+    /// The zstd level for --compress: 1 (fastest) to 19 (smallest).
+    #[arg(long, value_name = "N", default_value_t = compress::DEFAULT_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=compress::MAX_LEVEL as i64))]
+    pub compress_level: i32,
+    /// Limit the whole run (all connections together) to RATE bytes per
+    /// second on the wire, after compression: a number with K, M or G
+    /// (powers of 1024), e.g. 500K, 10M, 1.5G.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<Rate>,
     /// The zfs binary.
     #[arg(long, value_name = "PATH", default_value = "zfs")]
     pub zfs: PathBuf,
@@ -109,6 +124,16 @@ pub fn main() -> ExitCode {
         }
     };
     ExitCode::from(rt.block_on(run(args)))
+}
+
+/// `--bwlimit`'s value; the error names the fix.
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    s.parse().map_err(|e: zfsync_common::throttle::RateError| {
+        // clap prefixes "invalid value 'X' for '--bwlimit <RATE>': ".
+        let e = e.to_string();
+        e.split_once(": ")
+            .map_or(e.clone(), |(_, why)| why.to_string())
+    })
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> u8 {
@@ -179,6 +204,7 @@ async fn run(args: Args) -> u8 {
             read_timeout: Duration::from_secs(args.timeout.max(1)),
             // Probed at the start of the run.
             caps: Default::default(),
+            transit: Transit::new(args.compress.then_some(args.compress_level), args.bwlimit),
         },
         threads: args.threads.max(1),
         allow_full: args.full,

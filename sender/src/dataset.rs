@@ -5,7 +5,7 @@
 
 use tokio_util::sync::CancellationToken;
 use zfsync_common::caps::SendPath;
-use zfsync_common::client::Client;
+use zfsync_common::client::{Client, Pumped};
 use zfsync_common::naming::SnapshotName;
 use zfsync_common::plan::{steps_with_bookmarks, Decision};
 use zfsync_common::protocol::{SyncReply, SyncRequest};
@@ -79,7 +79,7 @@ pub(crate) fn settle(job: &Job, reply: &SyncReply, path: SendPath, dry_run: bool
             return Settled::Done(Ok(Status::Planned { what }));
         }
     }
-    match decide(reply.clone(), snaps.len(), 0) {
+    match decide(reply.clone(), snaps.len(), Pumped::default()) {
         Ok(Next::Done(status)) => Settled::Done(Ok(status)),
         Ok(Next::Send { .. }) => Settled::Send,
         Err(e) => Settled::Done(Err(e)),
@@ -116,7 +116,7 @@ pub(crate) async fn sync(
         ),
     };
     // A transfer cut in an earlier run: go on from where it stopped.
-    let mut resumed = 0u64;
+    let mut resumed = Pumped::default();
     if let SyncReply::Resume { token } = &reply {
         if opts.dry_run {
             return Ok(Status::Planned {
@@ -130,8 +130,8 @@ pub(crate) async fn sync(
         }
         let token = token.clone();
         reply = match resume(client, opts, job, &token, shutdown).await {
-            Ok(bytes) => {
-                resumed = bytes;
+            Ok(sent) => {
+                resumed = sent;
                 if shutdown.is_cancelled() {
                     return Err(DatasetError::Cancelled);
                 }
@@ -162,7 +162,10 @@ pub(crate) async fn sync(
         tracing::warn!(dataset = %job.dataset.name, "replacing the receiver's copy (--full): {reason}");
     }
     let plan = steps_with_bookmarks(snaps, bookmarks, &decision);
-    let mut bytes = resumed;
+    let Pumped {
+        mut bytes,
+        mut wire,
+    } = resumed;
     let mut finished = None;
     for (i, step) in plan.iter().enumerate() {
         if shutdown.is_cancelled() {
@@ -188,6 +191,7 @@ pub(crate) async fn sync(
         )
         .await?;
         bytes += sent.bytes;
+        wire += sent.wire;
         finished = sent.finished;
     }
     let finished = match finished {
@@ -202,6 +206,7 @@ pub(crate) async fn sync(
         to: snaps.last().map(|s| s.name.to_string()).unwrap_or_default(),
         snapshots: count,
         bytes,
+        wire,
         buffered: finished.buffered,
         placed: false,
         mirrored: finished.pruned.len(),
@@ -216,7 +221,7 @@ pub(crate) struct Flight {
     from: Option<String>,
     to: String,
     snapshots: usize,
-    bytes: u64,
+    pumped: Pumped,
 }
 
 /// The plan's answer for `job` and the one step it takes, when it takes
@@ -228,7 +233,7 @@ fn one_step(job: &Job, path: SendPath) -> Option<(Decision, SendKind, usize)> {
         decision,
         kind,
         count,
-    }) = decide(job.plan.clone()?, snaps.len(), 0)
+    }) = decide(job.plan.clone()?, snaps.len(), Pumped::default())
     else {
         return None;
     };
@@ -266,9 +271,9 @@ pub(crate) async fn launch(
     let snaps = &job.dataset.snapshots;
     let bookmarks = bookmarks(job, path);
     let plan = steps_with_bookmarks(snaps, bookmarks, &decision);
-    let mut bytes = 0;
+    let mut pumped = Pumped::default();
     for step in &plan {
-        bytes += stream::send_step(
+        let sent = stream::send_step(
             client,
             opts.zfs.as_ref(),
             &job.dataset,
@@ -276,15 +281,16 @@ pub(crate) async fn launch(
             (Announce::Put(&request), Ending::Defer),
             shutdown,
         )
-        .await?
-        .bytes;
+        .await?;
+        pumped.bytes += sent.bytes;
+        pumped.wire += sent.wire;
     }
     Ok(Flight {
         kind,
         from: base_name(&decision, snaps, bookmarks),
         to: snaps.last().map(|s| s.name.to_string()).unwrap_or_default(),
         snapshots: count,
-        bytes,
+        pumped,
     })
 }
 
@@ -299,7 +305,8 @@ pub(crate) async fn land(client: &mut Client, flight: Flight) -> Result<Status, 
         from: flight.from,
         to: flight.to,
         snapshots: flight.snapshots,
-        bytes: flight.bytes,
+        bytes: flight.pumped.bytes,
+        wire: flight.pumped.wire,
         buffered: finished.buffered,
         placed: false,
         mirrored: finished.pruned.len(),
@@ -320,16 +327,17 @@ enum Next {
 }
 
 /// Maps the receiver's answer to what to do. `snapshots`: how many the
-/// source has; `resumed`: bytes of a cut transfer completed just before.
-fn decide(reply: SyncReply, snapshots: usize, resumed: u64) -> Result<Next, DatasetError> {
+/// source has; `resumed`: what a cut transfer completed just before sent.
+fn decide(reply: SyncReply, snapshots: usize, resumed: Pumped) -> Result<Next, DatasetError> {
     Ok(match reply {
         // The resumed stream brought the newest snapshot.
-        SyncReply::UpToDate { snapshot } if resumed > 0 => Next::Done(Status::Sent {
+        SyncReply::UpToDate { snapshot } if resumed.bytes > 0 => Next::Done(Status::Sent {
             kind: SendKind::Incremental,
             from: None,
             to: snapshot,
             snapshots: 1,
-            bytes: resumed,
+            bytes: resumed.bytes,
+            wire: resumed.wire,
             buffered: false,
             placed: false,
             mirrored: 0,
@@ -442,7 +450,7 @@ async fn resume(
     job: &Job,
     token: &str,
     shutdown: &CancellationToken,
-) -> Result<u64, ResumeError> {
+) -> Result<Pumped, ResumeError> {
     let info = match opts.zfs.resume_info(token).await {
         Ok(i) => i,
         // The token's snapshot is gone or is another one: stale.
@@ -515,12 +523,14 @@ async fn resume(
         announce: Announce::Checked,
         ending: Ending::Stored,
     };
-    let bytes = stream::pipe(client, opts.zfs.as_ref(), &out, shutdown)
+    let sent = stream::pipe(client, opts.zfs.as_ref(), &out, shutdown)
         .await
-        .map_err(ResumeError::Failed)?
-        .bytes;
-    tracing::info!(dataset = %job.dataset.name, bytes, "resumed transfer complete");
-    Ok(bytes)
+        .map_err(ResumeError::Failed)?;
+    tracing::info!(dataset = %job.dataset.name, bytes = sent.bytes, "resumed transfer complete");
+    Ok(Pumped {
+        bytes: sent.bytes,
+        wire: sent.wire,
+    })
 }
 
 #[cfg(test)]

@@ -29,7 +29,10 @@ pub enum Status {
         from: Option<String>,
         to: String,
         snapshots: usize,
+        /// The streams' bytes.
         bytes: u64,
+        /// Their bytes on the wire: fewer with `--compress`, else the same.
+        wire: u64,
         /// Received into the buffer; `placed` once cleanbuffer moved it.
         buffered: bool,
         placed: bool,
@@ -179,6 +182,15 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// What compression made of `bytes`: "1.2 MiB on the wire, ratio 3.41".
+pub fn on_the_wire(bytes: u64, wire: u64) -> String {
+    format!(
+        "{} on the wire, ratio {:.2}",
+        human_bytes(wire),
+        bytes as f64 / wire.max(1) as f64
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +201,10 @@ mod tests {
         assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+        assert_eq!(
+            on_the_wire(3 << 20, 1 << 20),
+            "1.0 MiB on the wire, ratio 3.00"
+        );
     }
 
     fn outcome(status: Status) -> Outcome {

@@ -12,14 +12,14 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use zfsync_common::client::{Client, ClientError, Finished};
+use zfsync_common::client::{Client, ClientError, Finished, Pumped};
 use zfsync_common::naming::SnapshotName;
 use zfsync_common::plan::Step;
 use zfsync_common::protocol::{EagerStream, SyncRequest, WireSnap};
 use zfsync_common::zfs::{Dataset, SendFrom, SendWhat, Snapshot, ZfsBackend};
 
 use crate::error::{DatasetError, StreamFailure};
-use crate::report::human_bytes;
+use crate::report::{human_bytes, on_the_wire};
 
 /// What the receiver is told when the run is stopped mid-stream.
 const STOPPED: &str = "the sender's run was stopped";
@@ -53,7 +53,10 @@ pub(crate) enum Ending {
 /// What a sent stream brought.
 #[derive(Debug, Default)]
 pub(crate) struct Sent {
+    /// The stream's bytes.
     pub bytes: u64,
+    /// Its data frames' bytes on the wire (fewer with `--compress`).
+    pub wire: u64,
     /// The receiver's word on the dataset, when this stream finished it.
     pub finished: Option<Finished>,
 }
@@ -134,6 +137,8 @@ pub(crate) async fn pipe(
         from_guid: out.from_guid,
         to: WireSnap::from(out.to_snap),
         finish,
+        // Set by the client, from the connection.
+        compressed: false,
     };
     if let Announce::Checked = out.announce {
         let announced = if out.resume {
@@ -177,10 +182,10 @@ pub(crate) async fn pipe(
         });
     };
     let mut stdout = UntilStopped::new(stdout, shutdown.clone());
-    let pumped = client.pump(&mut stdout, |_| {}).await;
+    let pumped = client.pump_counted(&mut stdout, |_| {}).await;
     drop(stdout);
-    let bytes = match pumped {
-        Ok(n) => n,
+    let Pumped { bytes, wire } = match pumped {
+        Ok(p) => p,
         Err(ClientError::Source(e)) => {
             child.abort().await;
             if shutdown.is_cancelled() {
@@ -240,8 +245,17 @@ pub(crate) async fn pipe(
         }
     };
     let secs = started.elapsed().as_secs_f64().max(1e-6);
-    tracing::info!(%to, bytes, "sent {} in {secs:.1} s ({}/s)", human_bytes(bytes), human_bytes((bytes as f64 / secs) as u64));
-    Ok(Sent { bytes, finished })
+    let rate = human_bytes((bytes as f64 / secs) as u64);
+    if client.compressing() {
+        tracing::info!(%to, bytes, wire, "sent {} in {secs:.1} s ({rate}/s), {}", human_bytes(bytes), on_the_wire(bytes, wire));
+    } else {
+        tracing::info!(%to, bytes, "sent {} in {secs:.1} s ({rate}/s)", human_bytes(bytes));
+    }
+    Ok(Sent {
+        bytes,
+        wire,
+        finished,
+    })
 }
 
 /// A reader that fails once the run is stopped. [`Client::pump`] reads

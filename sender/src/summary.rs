@@ -7,7 +7,9 @@ use std::time::Duration;
 use zfsync_common::client::CleanReport;
 use zfsync_common::naming::DatasetName;
 
-use crate::report::{human_bytes, listed, Delete, Outcome, Report, Retention, SendKind, Status};
+use crate::report::{
+    human_bytes, listed, on_the_wire, Delete, Outcome, Report, Retention, SendKind, Status,
+};
 
 /// The whole closing summary of a run, as printed (also re-exported as
 /// `zfsync_send::summary`).
@@ -60,6 +62,7 @@ fn describe(status: &Status) -> String {
             to,
             snapshots,
             bytes,
+            wire,
             buffered,
             placed,
             ..
@@ -74,6 +77,9 @@ fn describe(status: &Status) -> String {
                 "{what}, {snapshots} snapshot{plural}, {}",
                 human_bytes(*bytes)
             );
+            if wire != bytes {
+                let _ = write!(s, " ({})", on_the_wire(*bytes, *wire));
+            }
             if *buffered {
                 s.push_str(if *placed {
                     ", buffered then placed"
@@ -135,13 +141,16 @@ pub fn render(
     let failed = count(|s| matches!(s, Status::Failed { .. }));
     let nosnap = count(|s| matches!(s, Status::NoSnapshots));
     let planned = count(|s| matches!(s, Status::Planned { .. }));
-    let (snaps, bytes) = outcomes
+    let (snaps, bytes, wire) = outcomes
         .iter()
-        .fold((0usize, 0u64), |(n, b), o| match &o.status {
+        .fold((0usize, 0u64, 0u64), |(n, b, w), o| match &o.status {
             Status::Sent {
-                snapshots, bytes, ..
-            } => (n + snapshots, b + bytes),
-            _ => (n, b),
+                snapshots,
+                bytes,
+                wire,
+                ..
+            } => (n + snapshots, b + bytes, w + wire),
+            _ => (n, b, w),
         });
     let mut totals = format!(
         "datasets: {} ({up} up to date, {sent} sent, {failed} failed",
@@ -153,11 +162,15 @@ pub fn render(
     if nosnap > 0 {
         let _ = write!(totals, ", {nosnap} without snapshots");
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
         "{totals}); snapshots sent: {snaps}; bytes sent: {}",
         human_bytes(bytes)
     );
+    if wire != bytes {
+        let _ = write!(out, " ({})", on_the_wire(bytes, wire));
+    }
+    out.push('\n');
     out
 }
 

@@ -40,3 +40,6 @@ mod resume;
 
 /// 9. The sender: confirmations and lost connections.
 mod sender;
+
+/// 10. How data travels: --compress and --bwlimit.
+mod transit;

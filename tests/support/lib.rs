@@ -311,6 +311,7 @@ impl Certs {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
             caps: Default::default(),
+            transit: Default::default(),
         }
     }
 

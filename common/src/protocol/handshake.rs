@@ -1,12 +1,15 @@
 //! The opening exchange, the same code for both ends: the sender says
 //! `Hello` (protocol version, run id, its `zfs` and what it can do), the
 //! receiver checks it and answers `HelloOk` with its own, or an error.
-//! Both then use what both have ([`crate::caps::SendPath`]).
+//! Both then use what both have ([`crate::caps::SendPath`]). Beside its
+//! `zfs` capabilities the receiver lists [`CAP_ZSTD`]: it decompresses
+//! `--compress` streams (a sender that does not know the name ignores it).
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Connection, Frame, Message, ProtocolError, PROTOCOL_VERSION};
 use crate::caps::Caps;
+use crate::compress::CAP_ZSTD;
 
 /// Longest run id a receiver accepts.
 const MAX_RUN_ID: usize = 128;
@@ -24,6 +27,15 @@ pub struct Hello {
     pub caps: Caps,
 }
 
+/// What a receiver said in its `HelloOk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcomed {
+    /// The receiver's `zfs` and what it can do.
+    pub caps: Caps,
+    /// It decompresses zstd streams ([`CAP_ZSTD`]).
+    pub zstd: bool,
+}
+
 /// This build's name, told to the peer.
 pub fn software() -> String {
     format!("zfsync {}", env!("CARGO_PKG_VERSION"))
@@ -35,7 +47,7 @@ pub async fn client<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     run_id: &str,
     local: &Caps,
-) -> Result<Caps, ProtocolError> {
+) -> Result<Welcomed, ProtocolError> {
     conn.send(Message::Hello {
         version: PROTOCOL_VERSION,
         run_id: run_id.to_string(),
@@ -47,7 +59,10 @@ pub async fn client<S: AsyncRead + AsyncWrite + Unpin>(
     match conn.read_msg().await? {
         Message::HelloOk {
             version, zfs, caps, ..
-        } if version == PROTOCOL_VERSION => Ok(Caps::from_names(&zfs, &caps)),
+        } if version == PROTOCOL_VERSION => Ok(Welcomed {
+            zstd: caps.iter().any(|c| c == CAP_ZSTD),
+            caps: Caps::from_names(&zfs, &caps),
+        }),
         Message::HelloOk { version, .. } => Err(ProtocolError::Version {
             ours: PROTOCOL_VERSION,
             theirs: version,
@@ -101,16 +116,19 @@ pub fn check_hello(first: Option<Frame>) -> Result<Option<Hello>, ProtocolError>
     }
 }
 
-/// Receiver side: accepts the hello, telling the sender what this end has.
+/// Receiver side: accepts the hello, telling the sender what this end has
+/// (and that it decompresses zstd streams).
 pub async fn welcome<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     local: &Caps,
 ) -> Result<(), ProtocolError> {
+    let mut caps = local.names();
+    caps.push(CAP_ZSTD.to_string());
     conn.send(Message::HelloOk {
         version: PROTOCOL_VERSION,
         software: software(),
         zfs: local.version.clone(),
-        caps: local.names(),
+        caps,
     })
     .await
 }
@@ -137,9 +155,37 @@ mod tests {
             hello
         };
         let (got, hello) = tokio::join!(client(&mut client_conn, "run", &sender), server);
-        assert_eq!(got.unwrap(), receiver);
+        let got = got.unwrap();
+        assert_eq!(got.caps, receiver);
+        assert!(got.zstd, "a receiver announces that it decompresses");
         assert_eq!(hello.caps, sender);
         assert_eq!(hello.run_id, "run");
+    }
+
+    #[tokio::test]
+    async fn a_receiver_without_zstd_is_told_apart() {
+        // An older receiver of protocol 5: its caps lack the name.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let t = Duration::from_secs(5);
+        let (mut client_conn, mut server_conn) =
+            (Connection::new(a, t, t), Connection::new(b, t, t));
+        let server = async {
+            server_conn.read().await.unwrap();
+            server_conn
+                .send(Message::HelloOk {
+                    version: PROTOCOL_VERSION,
+                    software: "zfsync 0.0".into(),
+                    zfs: "zfs-fuse".into(),
+                    caps: vec!["hold".into()],
+                })
+                .await
+                .unwrap();
+        };
+        let local = Caps::default();
+        let (got, ()) = tokio::join!(client(&mut client_conn, "run", &local), server);
+        let got = got.unwrap();
+        assert!(!got.zstd);
+        assert!(got.caps.has(Cap::Holds));
     }
 
     #[test]

@@ -135,12 +135,22 @@ pub enum Message {
         /// The dataset's last stream: a successful `End` also finishes it
         /// (answered `Done`).
         finish: bool,
+        /// The data frames are zstd frames (`--compress`), sent only to a
+        /// receiver that announced [`crate::compress::CAP_ZSTD`]; absent
+        /// when false, so a plain stream reads as before.
+        #[serde(default, skip_serializing_if = "is_false")]
+        compressed: bool,
     },
     /// The next stream of the open dataset, data at once (as `Put`).
     More {
         from_guid: Option<u64>,
         to: WireSnap,
         finish: bool,
+        /// The data frames are zstd frames (`--compress`), sent only to a
+        /// receiver that announced [`crate::compress::CAP_ZSTD`]; absent
+        /// when false, so a plain stream reads as before.
+        #[serde(default, skip_serializing_if = "is_false")]
+        compressed: bool,
     },
 
     // Streams.
@@ -150,6 +160,11 @@ pub enum Message {
         /// The stream continues a cut one (`zfs send -t`).
         #[serde(default)]
         resume: bool,
+        /// The data frames are zstd frames (`--compress`), sent only to a
+        /// receiver that announced [`crate::compress::CAP_ZSTD`]; absent
+        /// when false, so a plain stream reads as before.
+        #[serde(default, skip_serializing_if = "is_false")]
+        compressed: bool,
     },
     /// The receiver accepted the stream header; data may follow.
     Ready,
@@ -203,6 +218,10 @@ pub enum Message {
     Error {
         reason: String,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Message {

@@ -41,6 +41,12 @@
 //!
 //! A stream is committed only after `End` arrives with the exact byte count;
 //! a cut connection or an `Abort` kills the `zfs receive`.
+//!
+//! `compressed` (on `Put`, `More` and `Stream`; absent when false): each
+//! data frame of the stream is one zstd frame ([`crate::compress`]), sent
+//! only to a receiver whose `HelloOk` listed the capability
+//! [`crate::compress::CAP_ZSTD`]. `End{bytes}` counts the uncompressed
+//! stream either way.
 
 use std::time::Duration;
 
@@ -307,6 +313,7 @@ mod tests {
                     createtxg: 2,
                 },
                 resume: true,
+                compressed: false,
             },
             Message::Resume {
                 token: "1-abc".into(),
@@ -359,6 +366,7 @@ mod tests {
                     createtxg: 2,
                 },
                 finish: true,
+                compressed: true,
             },
             Message::More {
                 from_guid: None,
@@ -368,6 +376,7 @@ mod tests {
                     createtxg: 2,
                 },
                 finish: false,
+                compressed: false,
             },
             Message::Finish,
             Message::Done {
@@ -402,6 +411,33 @@ mod tests {
         }
         let d = Frame::Data(Bytes::from_static(b"\0\x01zfs"));
         assert_eq!(decode(encode(&d)).unwrap(), d);
+    }
+
+    #[test]
+    fn the_compressed_flag_travels_only_when_set() {
+        // A plain stream's announcement reads as before --compress existed
+        // (an older receiver of protocol 5 refuses unknown fields), and one
+        // without the flag is a plain stream.
+        let more = |compressed| Message::More {
+            from_guid: Some(1),
+            to: WireSnap {
+                name: "s".into(),
+                guid: 2,
+                createtxg: 3,
+            },
+            finish: false,
+            compressed,
+        };
+        let plain = encode(&Frame::Msg(more(false)));
+        assert!(!String::from_utf8_lossy(&plain).contains("compressed"));
+        let old = br#"M{"type":"more","from_guid":1,"to":{"name":"s","guid":2,"createtxg":3},"finish":false}"#;
+        assert_eq!(
+            decode(Bytes::from_static(old)).unwrap(),
+            Frame::Msg(more(false))
+        );
+        let zstd = encode(&Frame::Msg(more(true)));
+        assert!(String::from_utf8_lossy(&zstd).contains(r#""compressed":true"#));
+        assert_eq!(decode(zstd).unwrap(), Frame::Msg(more(true)));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct StreamRequest {
     pub to: WireSnap,
     /// The stream continues a cut one (`zfs send -t`).
     pub resume: bool,
+    /// The data frames are zstd frames ([`crate::compress`]).
+    pub compressed: bool,
 }
 
 /// Ends a run: place the buffer, judge orphans.
@@ -88,6 +90,9 @@ pub struct EagerStream {
     pub to: WireSnap,
     /// The dataset's last stream: a successful `End` finishes it too.
     pub finish: bool,
+    /// The data frames are zstd frames ([`crate::compress`]); the
+    /// [`Client`](crate::client::Client) sets it from its connection.
+    pub compressed: bool,
 }
 
 /// What a sender may send between streams.
@@ -275,32 +280,38 @@ impl TryFrom<Message> for Request {
                 from_guid,
                 to,
                 finish,
+                compressed,
             } => Request::Put(
                 sync,
                 EagerStream {
                     from_guid,
                     to,
                     finish,
+                    compressed,
                 },
             ),
             Message::More {
                 from_guid,
                 to,
                 finish,
+                compressed,
             } => Request::More(EagerStream {
                 from_guid,
                 to,
                 finish,
+                compressed,
             }),
             Message::ResumeFailed { reason } => Request::ResumeFailed { reason },
             Message::Stream {
                 from_guid,
                 to,
                 resume,
+                compressed,
             } => Request::Stream(StreamRequest {
                 from_guid,
                 to,
                 resume,
+                compressed,
             }),
             Message::Finish => Request::Finish,
             Message::CleanBuffer {
@@ -339,17 +350,20 @@ impl From<Request> for Message {
                 from_guid: s.from_guid,
                 to: s.to,
                 finish: s.finish,
+                compressed: s.compressed,
             },
             Request::More(s) => Message::More {
                 from_guid: s.from_guid,
                 to: s.to,
                 finish: s.finish,
+                compressed: s.compressed,
             },
             Request::ResumeFailed { reason } => Message::ResumeFailed { reason },
             Request::Stream(s) => Message::Stream {
                 from_guid: s.from_guid,
                 to: s.to,
                 resume: s.resume,
+                compressed: s.compressed,
             },
             Request::Finish => Message::Finish,
             Request::CleanBuffer(c) => Message::CleanBuffer {

@@ -48,6 +48,7 @@ fn stream(from_guid: Option<u64>, to: &str, guid: u64, createtxg: u64) -> Stream
             createtxg,
         },
         resume: false,
+        compressed: false,
     }
 }
 

@@ -14,6 +14,14 @@ fn snap(name: &str, guid: u64) -> Snapshot {
     }
 }
 
+/// A resumed stream of `bytes`, compressed to 80 % on the wire.
+fn resumed_only(bytes: u64) -> Pumped {
+    Pumped {
+        bytes,
+        wire: bytes * 4 / 5,
+    }
+}
+
 fn snaps() -> Vec<Snapshot> {
     vec![snap("s1", 11), snap("s2", 12), snap("s3", 13)]
 }
@@ -56,6 +64,7 @@ fn replies_become_decisions() {
                 to: "s3".into(),
                 snapshots: 1,
                 bytes: 500,
+                wire: 400,
                 buffered: false,
                 placed: false,
                 mirrored: 0,
@@ -125,7 +134,7 @@ fn replies_become_decisions() {
     ];
     for (reply, resumed, want) in cases {
         let what = format!("{reply:?}");
-        match (decide(reply, 3, resumed), want) {
+        match (decide(reply, 3, resumed_only(resumed)), want) {
             (Ok(got), Ok(want)) => assert_eq!(got, want, "{what}"),
             (Err(e), Err(text)) => assert_eq!(e.to_string(), text, "{what}"),
             (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
@@ -141,10 +150,10 @@ fn busy_is_the_temporary_refusal() {
             temporary: true,
         },
         1,
-        0,
+        Pumped::default(),
     );
     assert!(matches!(busy, Err(DatasetError::Busy { .. })));
-    let refused = decide(SyncReply::refused("no"), 1, 0);
+    let refused = decide(SyncReply::refused("no"), 1, Pumped::default());
     assert!(matches!(refused, Err(DatasetError::Refused { .. })));
 }
 

@@ -27,6 +27,7 @@ fn renders_every_kind() {
                 to: "s3".into(),
                 snapshots: 1,
                 bytes: 2048,
+                wire: 2048,
                 buffered: false,
                 placed: false,
                 mirrored: 0,
@@ -40,6 +41,7 @@ fn renders_every_kind() {
                 to: "s3".into(),
                 snapshots: 3,
                 bytes: 10,
+                wire: 10,
                 buffered: true,
                 placed: true,
                 mirrored: 0,
@@ -93,6 +95,41 @@ fn renders_every_kind() {
     );
     assert!(short.contains("and 1 more datasets up to date"), "{short}");
     assert!(!short.contains("(@s3)"), "{short}");
+}
+
+/// With --compress, a dataset's line and the totals show the bytes on the
+/// wire where they differ from the streams' bytes.
+#[test]
+fn compressed_streams_show_their_wire_bytes() {
+    let sent = |bytes, wire| Status::Sent {
+        kind: SendKind::Full,
+        from: None,
+        to: "s1".into(),
+        snapshots: 1,
+        bytes,
+        wire,
+        buffered: false,
+        placed: false,
+        mirrored: 0,
+    };
+    let outcomes = vec![
+        o("p/a", sent(4 << 20, 1 << 20)),
+        o("p/a/b", sent(2048, 2048)),
+    ];
+    let s = render(
+        &DatasetName::new("p/a").unwrap(),
+        "h",
+        &outcomes,
+        Duration::ZERO,
+        50,
+    );
+    let want = "\
+zfsync-send p/a -> h (0.0 s)
+  p/a    full ..@s1, 1 snapshot, 4.0 MiB (1.0 MiB on the wire, ratio 4.00)
+  p/a/b  full ..@s1, 1 snapshot, 2.0 KiB
+datasets: 2 (0 up to date, 2 sent, 0 failed); snapshots sent: 2; bytes sent: 4.0 MiB (1.0 MiB on the wire, ratio 3.99)
+";
+    assert_eq!(s, want);
 }
 
 #[test]
@@ -195,6 +232,7 @@ fn summary_of_a_stopped_run() {
                     to: "s1".into(),
                     snapshots: 1,
                     bytes: 4096,
+                    wire: 4096,
                     buffered: false,
                     placed: false,
                     mirrored: 0,
