@@ -59,6 +59,7 @@ POOL_SIZE=${BENCH_POOL_SIZE:-2G}
 read -r -a SEND_EXTRA <<<"${ZFSYNC_SEND_ARGS:-}"
 
 START=$(date +%s.%N)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log() { printf 'bench [%5.0fs] %s\n' "$(awk -v s="$START" -v n="$(date +%s.%N)" 'BEGIN{print n-s}')" "$*" >&2; }
 die() {
     echo "bench: ERROR: $*" >&2
@@ -582,17 +583,26 @@ for n in $SCALE; do
     [ "$n" -gt 200 ] && kids=20
     per=$((n / kids - 1))
     [ "$per" -ge 0 ] || per=0
-    log "scale tree s$n: creating $((1 + kids * (per + 1))) datasets of 4 KiB"
-    admin create "$S"
-    gen $((5000 + n)) 4K >"$(mnt_of "$S")/data.bin"
+    log "scale tree s$n: receiving $((1 + kids * (per + 1))) datasets of 4 KiB (unmounted)"
+    # zfs-fuse mounts at most 1000 file systems (beyond that a mount fails and
+    # leaves the dataset busy until the daemon restarts): the tree's datasets
+    # are received unmounted (-u, mountpoint=none) from one template stream of
+    # 4 KiB, whose snapshot is then dropped.
+    if [ ! -s "$tmp/tpl.stream" ]; then
+        admin create "$SRCPOOL/tpl"
+        gen 4242 4K >"$(mnt_of "$SRCPOOL/tpl")/data.bin"
+        "$ZFS" snapshot "$SRCPOOL/tpl@x"
+        "$ZFS" send "$SRCPOOL/tpl@x" >"$tmp/tpl.stream"
+    fi
+    "$ZFS" receive -u "$S" <"$tmp/tpl.stream"
+    "$ZFS" set mountpoint=none "$S"
     for i in $(seq 1 "$kids"); do
-        admin create "$S/k$i"
-        gen $((5000 + n + i)) 4K >"$(mnt_of "$S/k$i")/data.bin"
+        "$ZFS" receive -u "$S/k$i" <"$tmp/tpl.stream"
         for j in $(seq 1 "$per"); do
-            admin create "$S/k$i/d$j"
-            gen $((7000 + n + i * 1000 + j)) 4K >"$(mnt_of "$S/k$i/d$j")/data.bin"
+            "$ZFS" receive -u "$S/k$i/d$j" <"$tmp/tpl.stream"
         done
     done
+    admin destroy -r "$S@x"
     SCALE_N[$n]=$((1 + kids * (per + 1)))
     SCALE_DONE+=("$n")
     sc=(raw z1 z4)
@@ -686,7 +696,7 @@ fusever=$(dpkg-query -W -f '${Version}' zfs-fuse 2>/dev/null || true)
 out "# zfsync benchmark"
 out ""
 out "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit; $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), kernel $(uname -r), $fusever."
-out "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures). Run time $(calc "$END - $START" 0) s."
+out "Load average at the start: $LOAD_START, at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures). Run time $(calc "$END - $START" 0) s."
 out "Times: wall seconds (date +%s.%N around each run)$([ "$REPEAT" -gt 1 ] && echo ", median of $REPEAT runs"); (N×) = contestant / raw pipe. Every zfs call of every contestant goes through a small /bin/sh wrapper that counts it."
 [ "${#SEND_EXTRA[@]}" -eq 0 ] || out "zfsync-send extra arguments: \`${SEND_EXTRA[*]}\`."
 out ""
@@ -773,7 +783,7 @@ for n in "${SCALE_DONE[@]}"; do
         out "| ${LABEL[$c]} | $(cell "s$n" "$c" a) | $(cell "s$n" "$c" c) | $beyond | $(cell "s$n" "$c" d) |"
     done
     out ""
-    out "zfs calls per dataset in step c, send / receive side: $(for c in raw z1 z4; do [ -n "${CALLS[s$n|$c|c]:-}" ] && printf '%s %s / %s; ' "${LABEL[$c]}" "$(percall "s$n" "$c" c 1 "$N")" "$(percall "s$n" "$c" c 2 "$N")"; done)"
+    out "zfs calls per dataset in step c, send / receive side: $(for c in raw z1 z4 syncoid pyznap; do [ -n "${CALLS[s$n|$c|c]:-}" ] && printf '%s %s / %s; ' "${LABEL[$c]}" "$(percall "s$n" "$c" c 1 "$N")" "$(percall "s$n" "$c" c 2 "$N")"; done)"
     out ""
 done
 if [ "$WAN" != 0 ]; then
