@@ -14,6 +14,10 @@
 #                tests OpenZFS 2.1 and 2.3)
 #   make check-freebsd  cargo check for x86_64-unknown-freebsd
 #   make demo    replicate a sample tree between two throw-away pools (root)
+#   make bench   zfsync against the raw zfs send | zfs receive pipe and the
+#                peers (syncoid, pyznap) on throw-away pools (root; about 25
+#                minutes, BENCH_QUICK=1 a few): scripts/bench.sh prints
+#                Markdown tables and writes them to target/bench/latest.md
 #   make certs   a CA and certificates in ./certs (RECEIVER=host names/IPs
 #                the sender connects to, default localhost)
 #   make fmt     format the code
@@ -22,7 +26,7 @@
 
 RECEIVER ?= localhost
 
-.PHONY: build test test-fast test-openzfs check-freebsd demo certs fmt lint clean
+.PHONY: build test test-fast test-openzfs check-freebsd demo bench certs fmt lint clean
 
 build:
 	cargo build --release
@@ -44,6 +48,9 @@ check-freebsd:
 
 demo:
 	bash scripts/demo.sh
+
+bench:
+	bash scripts/bench.sh
 
 # Output directory: ./certs (ca.pem, receiver.pem/.key, sender.pem/.key).
 certs:
