@@ -49,6 +49,11 @@ pub enum ClientError {
     Source(std::io::Error),
     #[error("the receiver could not store the stream: {0}")]
     StreamFailed(String),
+    /// The receiver could not store the stream now, but will the next
+    /// time (it dropped changes made inside its replica): sent again in
+    /// the same run.
+    #[error("the receiver could not store the stream: {0}")]
+    StreamRetry(String),
     #[error("protocol version mismatch: this sender speaks {ours}, the receiver {theirs}; install the same zfsync version on both")]
     Version { ours: u32, theirs: u32 },
 }
@@ -247,7 +252,11 @@ impl Client {
         self.conn.send(Message::End { bytes }).await?;
         match Stored::try_from(self.conn.read_msg().await?)? {
             Stored::Received { bytes } => Ok(bytes),
-            Stored::Failed { reason } => Err(ClientError::StreamFailed(reason)),
+            Stored::Failed {
+                reason,
+                temporary: true,
+            } => Err(ClientError::StreamRetry(reason)),
+            Stored::Failed { reason, .. } => Err(ClientError::StreamFailed(reason)),
         }
     }
 

@@ -102,6 +102,8 @@ fn failure(rel: &RelPath, e: impl std::fmt::Display) -> PlaceFailure {
 
 /// Places buffered datasets, parents first. Keeps going past failures.
 pub(crate) async fn place(target: &Target, peer: &str) -> CleanReport {
+    // Marks first: on zfs-fuse a rename mounts a dataset with canmount=on.
+    crate::finish::flush(target).await;
     let mut report = CleanReport::default();
     for (rel, buffered) in target.buffered() {
         match place_one(target, peer, &rel, &buffered).await {

@@ -147,6 +147,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     pub async fn serve(mut self) -> Result<(), ProtocolError> {
         let result = self.serve_inner().await;
         self.abandon().await;
+        finish::flush(self.target).await;
         if let Err(e) = &result {
             // Tell the peer why, if it still listens.
             let _ = self
@@ -325,6 +326,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Err(IngestError::Protocol(e)) => return Err(e),
             Err(e) => Stored::Failed {
                 reason: e.to_string(),
+                temporary: e.is_temporary(),
             },
         }
         .into())

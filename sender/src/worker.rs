@@ -193,7 +193,7 @@ pub(crate) async fn worker(
                     client = None;
                 }
                 if then(&e, job.tries) == Then::Requeue {
-                    tracing::info!(worker = id, dataset = %job.dataset.name, "busy on the receiver; trying again later");
+                    tracing::info!(worker = id, dataset = %job.dataset.name, "{e}; trying again later");
                     job.tries += 1;
                     queue.push_back(job);
                     continue;
@@ -240,6 +240,12 @@ mod tests {
             (busy(), 0, Then::Requeue),
             (busy(), BUSY_TRIES - 2, Then::Requeue),
             (busy(), BUSY_TRIES - 1, Then::Report),
+            // The receiver rolled its replica back: sent again.
+            (
+                DatasetError::Connection(ClientError::StreamRetry("rolled back".into())),
+                0,
+                Then::Requeue,
+            ),
             (lost(), 0, Then::Report),
             (DatasetError::ResumeTwice, 0, Then::Report),
             (DatasetError::Cancelled, 0, Then::Report),

@@ -135,6 +135,12 @@ pub enum Message {
     },
     StreamFailed {
         reason: String,
+        /// Worth sending again now, in the same run (the receiver dropped
+        /// changes made inside its replica, which made `zfs receive`
+        /// refuse), as opposed to a failure a person must look at. Sent
+        /// only when true, so that a peer without the field reads the rest.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        temporary: bool,
     },
     Finish,
     Done {

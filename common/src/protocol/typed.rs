@@ -127,8 +127,14 @@ pub enum StreamReply {
 /// The answer to a stream's `End` (or `Abort`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stored {
-    Received { bytes: u64 },
-    Failed { reason: String },
+    Received {
+        bytes: u64,
+    },
+    /// `temporary`: the sender sends the dataset again in the same run.
+    Failed {
+        reason: String,
+        temporary: bool,
+    },
 }
 
 /// The receiver's word on a finished dataset.
@@ -307,7 +313,10 @@ impl From<StreamReply> for Message {
     fn from(r: StreamReply) -> Message {
         match r {
             StreamReply::Ready => Message::Ready,
-            StreamReply::Failed { reason } => Message::StreamFailed { reason },
+            StreamReply::Failed { reason } => Message::StreamFailed {
+                reason,
+                temporary: false,
+            },
         }
     }
 }
@@ -318,7 +327,7 @@ impl TryFrom<Message> for StreamReply {
     fn try_from(m: Message) -> Result<StreamReply, ProtocolError> {
         match m {
             Message::Ready => Ok(StreamReply::Ready),
-            Message::StreamFailed { reason } => Ok(StreamReply::Failed { reason }),
+            Message::StreamFailed { reason, .. } => Ok(StreamReply::Failed { reason }),
             other => Err(unexpected(&other, "ready")),
         }
     }
@@ -328,7 +337,7 @@ impl From<Stored> for Message {
     fn from(r: Stored) -> Message {
         match r {
             Stored::Received { bytes } => Message::Received { bytes },
-            Stored::Failed { reason } => Message::StreamFailed { reason },
+            Stored::Failed { reason, temporary } => Message::StreamFailed { reason, temporary },
         }
     }
 }
@@ -339,7 +348,7 @@ impl TryFrom<Message> for Stored {
     fn try_from(m: Message) -> Result<Stored, ProtocolError> {
         match m {
             Message::Received { bytes } => Ok(Stored::Received { bytes }),
-            Message::StreamFailed { reason } => Ok(Stored::Failed { reason }),
+            Message::StreamFailed { reason, temporary } => Ok(Stored::Failed { reason, temporary }),
             other => Err(unexpected(&other, "received")),
         }
     }
@@ -457,7 +466,14 @@ mod tests {
         }
         for r in [
             Stored::Received { bytes: 3 },
-            Stored::Failed { reason: "x".into() },
+            Stored::Failed {
+                reason: "x".into(),
+                temporary: false,
+            },
+            Stored::Failed {
+                reason: "x".into(),
+                temporary: true,
+            },
         ] {
             assert_eq!(Stored::try_from(Message::from(r.clone())).unwrap(), r);
         }
