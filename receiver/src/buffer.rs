@@ -181,7 +181,7 @@ pub(crate) fn would_place(target: &Target) -> CleanReport {
 
 /// Fills in the replicas whose source is gone and, with `delete`,
 /// destroys them: only whole subtrees that zfsync created
-/// (`zfsync:replica` = their GUID) and that are all orphaned. Each one it
+/// (the `zfsync:replica` mark set on each) and that are all orphaned. Each one it
 /// cannot destroy is added to `failed` ([`DeleteError`]).
 pub(crate) async fn orphans(
     target: &Target,
