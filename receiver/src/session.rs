@@ -147,7 +147,6 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     pub async fn serve(mut self) -> Result<(), ProtocolError> {
         let result = self.serve_inner().await;
         self.abandon().await;
-        finish::flush(self.target).await;
         if let Err(e) = &result {
             // Tell the peer why, if it still listens.
             let _ = self
