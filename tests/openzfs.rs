@@ -378,7 +378,16 @@ fn vm_receive_options_apply_to_every_replica() {
     for ds in [dst.clone(), format!("{dst}/a")] {
         assert_eq!(prop(&ds, "readonly"), "on", "{ds}");
         assert_eq!(prop(&ds, "com.example:origin"), "zfsync-test", "{ds}");
+        // The marks travel in the first receive (-o), with the admin's.
+        assert_eq!(prop(&ds, "canmount"), "noauto", "{ds}");
+        assert_eq!(prop(&ds, "zfsync:replica"), "yes", "{ds}");
     }
+    assert!(
+        recv.log()
+            .contains("-o canmount=noauto -o zfsync:replica=yes"),
+        "{}",
+        recv.log()
+    );
     assert!(recv.log().contains("-o readonly=on"), "{}", recv.log());
     assert_eq!(snapshot_guids(&src), snapshot_guids(&dst));
 }

@@ -402,3 +402,141 @@ fn pool_root_target_takes_full_once_and_reserves_the_buffer_name() {
         .assert_code(1)
         .assert_stdout_has("reserved for the receiver's buffer");
 }
+
+/// The receiver's `zfs` calls of a run, without the one tree listing per
+/// run (`get ... -r`): grouped by subcommand.
+fn per_dataset_calls(calls: &[String]) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| !(c.starts_with("get") && c.contains(" -r ")))
+        .cloned()
+        .collect()
+}
+
+/// ING4, ST1: in steady state (a new snapshot, incremental) the receiver
+/// makes exactly one `zfs` call per dataset, the `zfs receive`, besides
+/// the one listing per run (counted with a `--zfs` wrapper).
+#[test]
+fn a_steady_state_run_makes_one_receiver_zfs_call_per_dataset() {
+    let certs = Certs::shared();
+    let a = Pool::new("calls");
+    let b = Pool::new("calls");
+    let src = a.ds("src");
+    let dst = b.ds("replica");
+    let rels = ["", "/a", "/a/b", "/c"];
+    for r in rels {
+        let ds = format!("{src}{r}");
+        zfs(&["create", &ds]);
+        write_file(&ds, "f", ds.as_bytes());
+    }
+    zfs(&["snapshot", "-r", &format!("{src}@s1")]);
+    let recv_spy = ZfsSpy::new();
+    let recv = Receiver::start(&dst, &certs.receiver_args(), &["--zfs", &recv_spy.script]);
+    let port = recv.port.to_string();
+    send(
+        &certs.sender_args(),
+        &["-p", &port, "-t", "2", &src, "127.0.0.1"],
+    )
+    .assert_code(0);
+    let first = per_dataset_calls(&recv_spy.calls());
+    eprintln!("first run, receiver calls: {first:#?}");
+
+    for (i, snap) in ["s2", "s3"].iter().enumerate() {
+        write_file(&format!("{src}/a"), "g", &noise(2000, i as u64));
+        zfs(&["snapshot", "-r", &format!("{src}@{snap}")]);
+        recv_spy.clear();
+        send(
+            &certs.sender_args(),
+            &["-p", &port, "-t", "2", &src, "127.0.0.1"],
+        )
+        .assert_code(0)
+        .assert_stdout_has("result: all datasets in sync");
+        let calls = recv_spy.calls();
+        let listings = calls.len() - per_dataset_calls(&calls).len();
+        let each = per_dataset_calls(&calls);
+        eprintln!("incremental run {snap}: {listings} listing(s), per dataset: {each:#?}");
+        let mut want: Vec<String> = rels
+            .iter()
+            .map(|r| format!("receive -u {dst}{r}"))
+            .collect();
+        let mut got = each.clone();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "receiver calls of an incremental run");
+        assert_eq!(listings, 1, "one listing per run: {calls:#?}");
+    }
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src));
+}
+
+/// ING4: a replica changed on the receiver (mounted, written to) is rolled
+/// back to its newest snapshot when `zfs receive` says it was modified;
+/// the stream is answered as a temporary failure, the sender sends it
+/// again in the same run, and the run ends in sync with no snapshot lost.
+#[test]
+fn a_replica_modified_on_the_receiver_is_rolled_back_and_the_run_completes() {
+    let certs = Certs::shared();
+    let a = Pool::new("modif");
+    let b = Pool::new("modif");
+    let src = a.ds("src");
+    let dst = b.ds("replica");
+    for r in ["", "/a"] {
+        let ds = format!("{src}{r}");
+        zfs(&["create", &ds]);
+        write_file(&ds, "f", ds.as_bytes());
+    }
+    zfs(&["snapshot", "-r", &format!("{src}@s1")]);
+    let recv = Receiver::start(&dst, &certs.receiver_args(), &[]);
+    let port = recv.port.to_string();
+    send(&certs.sender_args(), &["-p", &port, &src, "127.0.0.1"]).assert_code(0);
+
+    // A person mounts the replica /a and writes into it.
+    let replica = format!("{dst}/a");
+    let mnt = TempDir::new("modif-mnt");
+    zfs(&[
+        "set",
+        &format!("mountpoint={}", mnt.path().display()),
+        &replica,
+    ]);
+    zfs(&["mount", &replica]);
+    wait_mounted(&replica, true);
+    std::fs::write(mnt.path().join("local.txt"), b"made on the receiver\n").expect("write");
+    zfs(&["unmount", &replica]);
+    wait_mounted(&replica, false);
+
+    write_file(&format!("{src}/a"), "g", b"second\n");
+    zfs(&["snapshot", "-r", &format!("{src}@s2")]);
+    let run = send(
+        &certs.sender_args(),
+        &["-p", &port, "-v", &src, "127.0.0.1"],
+    );
+    run.assert_code(0)
+        .assert_stdout_has("result: all datasets in sync");
+    assert_eq!(snapshot_guids(&dst), snapshot_guids(&src), "{}", run.dump());
+    let log = recv.log();
+    assert!(
+        log.contains("the changes were dropped (rolled back to @s1)"),
+        "{log}"
+    );
+    // The file made on the receiver is gone: the replica is @s2.
+    zfs(&["mount", &replica]);
+    wait_mounted(&replica, true);
+    let local = mnt.path().join("local.txt").exists();
+    let g = std::fs::read(mnt.path().join("g")).unwrap_or_default();
+    zfs(&["unmount", &replica]);
+    wait_mounted(&replica, false);
+    assert!(!local, "the change made on the receiver survived");
+    assert_eq!(g, b"second\n");
+}
+
+/// Waits until `zfs get mounted` says `mounted` (zfs-fuse mounts and
+/// unmounts asynchronously).
+fn wait_mounted(ds: &str, mounted: bool) {
+    let want = if mounted { "yes" } else { "no" };
+    for _ in 0..100 {
+        if zfs(&["get", "-H", "-o", "value", "mounted", ds]).trim() == want {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{ds} is not mounted={want}");
+}

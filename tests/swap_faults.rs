@@ -761,34 +761,46 @@ fn a_failed_fill_of_a_pool_root_keeps_its_old_data_then_the_whole_new_copy() {
     figures("swap_faults-fill-pool-root", 2, 1, lost, 0);
 }
 
-/// Hardening II, 8 (ING6): the receiver dies right after a new replica's
-/// first receive, before it is set canmount=noauto and marked; the next
-/// Finish of that dataset sets both, and `--delete-missing` then knows it
-/// as a replica. In the steady state no `zfs set` runs.
+/// Hardening II, 8 (ING6): the receiver dies after a new replica's first
+/// receive, in the batched `zfs set canmount=noauto` of the connection's
+/// new replicas (zfs-fuse has no `receive -o`), before they are marked;
+/// the next Finish of each sets both, and `--delete-missing` then knows
+/// it as a replica. In the steady state no `zfs set` runs.
 #[test]
 fn marks_missed_by_a_crash_are_set_at_the_next_finish() {
     let mut s = Setup::new("marks", &["", "/a"], "t");
     let outside_before = s.outside();
     let a = s.at("/a");
     s.zfs.rule(
-        &format!("^set canmount=noauto {}$", lit(&a)),
+        &format!("^set canmount=noauto .*{}$", lit(&a)),
         0,
         1,
         Act::KillReceiver,
     );
-    s.send(&[]).assert_code(1);
+    // The marks are set in a batch once the datasets are finished (when
+    // the connection ends, or before cleanbuffer places anything): the
+    // crash comes after every snapshot arrived, and whether the sender
+    // still notices it (exit 1) depends on where it is by then.
+    let run = s.send(&[]);
+    assert!(matches!(run.code, 0 | 1), "{}", run.dump());
     assert_eq!(s.zfs.hits(), 1);
-    assert_eq!(snapshot_names(&a), ["s1"], "crashed after the full stream");
+    assert_eq!(
+        snapshot_names(&a),
+        ["s1", "s2"],
+        "crashed after the streams"
+    );
     assert_eq!(property(&a, "zfsync:replica"), "-");
     let port = s.recv.port;
     s.recv.kill();
     s.recv = start_receiver(&s.dst, &s.zfs, port);
 
+    // The next run that finishes the datasets (a new snapshot) marks them.
+    zfs(&["snapshot", "-r", &format!("{}@s2b", s.src)]);
     s.send(&[]).assert_code(0);
     s.assert_converged("after the crash");
     assert_eq!(
         (property(&a, "canmount"), property(&a, "zfsync:replica")),
-        ("noauto".to_string(), own_guid(&a)),
+        ("noauto".to_string(), "yes".to_string()),
         "the marks of {a} were not set again\n{}",
         s.recv.log()
     );

@@ -1,8 +1,8 @@
 //! A `zfs` call that never returns (a wedged zfs, a suspended pool) is
 //! killed after `--zfs-timeout`: the dataset fails with an error that names
 //! the flag, its lock is freed, and the next run completes. Shown with a
-//! receiver whose `--zfs` hangs on `zfs rollback` (or `zfs receive`) while
-//! a flag file exists.
+//! receiver whose `--zfs` hangs on `zfs rollback` (of a replica changed on
+//! the receiver) or `zfs receive` while a flag file exists.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -77,6 +77,21 @@ impl Wedged {
         stuck
     }
 
+    /// Someone mounts the replica on the receiver and writes into it: the
+    /// next incremental is refused as modified, and the receiver rolls it
+    /// back.
+    fn modify_replica(&self) {
+        let dst = &self.pools.dst;
+        let mnt = self._dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        zfs(&["set", &format!("mountpoint={}", mnt.display()), dst]);
+        zfs(&["mount", dst]);
+        wait_mounted(dst, true);
+        std::fs::write(mnt.join("local.txt"), b"changed here\n").unwrap();
+        zfs(&["unmount", dst]);
+        wait_mounted(dst, false);
+    }
+
     /// The call no longer hangs: the same receiver (the lock was freed)
     /// takes the next run, which completes.
     fn next_run_completes(&self) {
@@ -94,7 +109,9 @@ impl Wedged {
 #[test]
 fn a_hanging_zfs_call_is_killed_and_the_next_run_completes() {
     let w = Wedged::new("zto", "rollback", "one.txt", b"one\n");
-    // An incremental needs a rollback first: it hangs, and is killed.
+    // An incremental into a replica changed on the receiver needs a
+    // rollback: it hangs, and is killed.
+    w.modify_replica();
     let stuck = w.stuck_run("two.txt", b"two\n");
     stuck.assert_stdout_has("--zfs-timeout");
     // Killed, not left behind (a moment for the kill to land).
@@ -122,4 +139,17 @@ fn a_wedged_zfs_receive_is_ended_and_the_next_run_completes() {
         "zfs_timeout_receive",
         &[("faults", 1), ("completed", 1), ("lost", 0)],
     );
+}
+
+/// Waits until `zfs get mounted` says `mounted` (zfs-fuse mounts and
+/// unmounts asynchronously).
+fn wait_mounted(ds: &str, mounted: bool) {
+    let want = if mounted { "yes" } else { "no" };
+    for _ in 0..100 {
+        if zfs(&["get", "-H", "-o", "value", "mounted", ds]).trim() == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{ds} is not mounted={want}");
 }

@@ -44,10 +44,13 @@ pub enum Cap {
     Holds,
     /// `zfs holds` (listing holds).
     HoldsList,
+    /// The `written` property: bytes written to a dataset since its newest
+    /// snapshot (OpenZFS; zfs-fuse has none).
+    Written,
 }
 
 impl Cap {
-    pub const ALL: [Cap; 14] = [
+    pub const ALL: [Cap; 15] = [
         Cap::ListParsable,
         Cap::RecvUnmounted,
         Cap::RecvResumable,
@@ -62,6 +65,7 @@ impl Cap {
         Cap::Bookmarks,
         Cap::Holds,
         Cap::HoldsList,
+        Cap::Written,
     ];
 
     /// The name used in logs and in the handshake.
@@ -81,6 +85,7 @@ impl Cap {
             Cap::Bookmarks => "bookmark",
             Cap::Holds => "hold",
             Cap::HoldsList => "holds",
+            Cap::Written => "written",
         }
     }
 
@@ -106,6 +111,8 @@ impl Cap {
             Cap::Bookmarks => &["bookmark"],
             Cap::Holds => &["hold"],
             Cap::HoldsList => &["holds", "-H"],
+            // The property list is checked before the operand.
+            Cap::Written => &["get", "-H", "written", "@"],
         }
     }
 }
@@ -117,6 +124,7 @@ pub fn probe_shows(output: &str) -> bool {
         || o.contains("unrecognized command")
         || o.contains("internal error")
         || o.contains("not found")
+        || o.contains("invalid property")
         || o.contains("not supported"))
 }
 
@@ -266,6 +274,10 @@ mod tests {
             "internal error: /usr/lib/zfs/pyzfs.py not found\n"
         ));
         assert!(probe_shows("missing snapshot argument\nusage:\n"));
+        // `zfs get -H written @`
+        assert!(!probe_shows(
+            "bad property list: invalid property 'written'\nusage:\n\tget [-rHp] ...\n"
+        ));
         // OpenZFS
         assert!(probe_shows("missing argument for 't' option\nusage:\n"));
         assert!(probe_shows("missing receive resume token argument\n"));

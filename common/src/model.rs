@@ -31,6 +31,9 @@ pub struct Dataset {
     pub resume_token: Option<String>,
     /// `encryption` is on (OpenZFS): sent raw (`-w`) or not at all.
     pub encrypted: bool,
+    /// `written`: bytes written since the newest snapshot, where zfs has
+    /// the property (OpenZFS) and it was listed; `None` otherwise.
+    pub written: Option<u64>,
 }
 
 impl Dataset {

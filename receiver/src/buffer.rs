@@ -102,6 +102,8 @@ fn failure(rel: &RelPath, e: impl std::fmt::Display) -> PlaceFailure {
 
 /// Places buffered datasets, parents first. Keeps going past failures.
 pub(crate) async fn place(target: &Target, peer: &str) -> CleanReport {
+    // Marks first: on zfs-fuse a rename mounts a dataset with canmount=on.
+    crate::finish::flush(target).await;
     let mut report = CleanReport::default();
     for (rel, buffered) in target.buffered() {
         match place_one(target, peer, &rel, &buffered).await {
@@ -179,7 +181,7 @@ pub(crate) fn would_place(target: &Target) -> CleanReport {
 
 /// Fills in the replicas whose source is gone and, with `delete`,
 /// destroys them: only whole subtrees that zfsync created
-/// (`zfsync:replica` = their GUID) and that are all orphaned. Each one it
+/// (the `zfsync:replica` mark set on each) and that are all orphaned. Each one it
 /// cannot destroy is added to `failed` ([`DeleteError`]).
 pub(crate) async fn orphans(
     target: &Target,

@@ -1,27 +1,38 @@
 //! Finishing a dataset: the hold on the newest snapshot, the marks of a new
-//! replica, mirrored retention, and (for `--full`) the swap.
+//! replica, mirrored retention, and (for `--full`) the swap; and [`flush`],
+//! which sets the marks and moves the holds of many datasets at once.
 //!
 //! Invariants:
 //! - a dataset is finished only when its newest snapshot is the sender's
 //!   newest; otherwise a half-built replacement is removed and the old
 //!   copy stays;
-//! - the hold moves to the newest snapshot before mirrored retention runs
-//!   (which may destroy the previously held one); holds only where `zfs
-//!   holds` exists, so the receiver can always find its own again;
+//! - the receiver's hold moves to the newest snapshot of each finished
+//!   dataset, batched ([`flush`]: one `zfs hold` for every newest snapshot
+//!   not held yet, then one `zfs release` of the older ones whose dataset's
+//!   newest is held); holds only where `zfs holds` exists, so the receiver
+//!   can always find its own again; a failed hold loses nothing (the old
+//!   hold stays; logged);
 //! - retention destroys only tool snapshots the sender dropped, one at a
-//!   time, never with `-r`, and only when the receiver mirrors it;
+//!   time, never with `-r`, never one the cache shows held (the receiver's
+//!   own previous hold is released only at the flush: such a snapshot goes
+//!   at the next run), and only when the receiver mirrors it;
 //! - every dataset zfsync receives into, except a pool's root or another
 //!   dataset it overwrote with `-F` (which it did not create), carries
-//!   `canmount=noauto` and the replica mark (`zfsync:replica` = the
-//!   dataset's own GUID): set after its first full receive, and re-checked
-//!   at every Finish from the cached listing (a crash in between leaves
-//!   them unset), with no `zfs` call when the mark is right;
+//!   `canmount=noauto` (not a volume: it has none) and the replica mark
+//!   (`zfsync:replica=yes`, set locally): in the first `zfs receive -o`
+//!   where zfs can, else batched by [`flush`] (canmount for all, then the
+//!   mark for all: a mark means both are set), and re-checked at every
+//!   Finish from the cached listing (a crash in between leaves them unset),
+//!   with no `zfs` call when the mark is there;
+//! - pending marks are flushed before anything renames a replica (the
+//!   buffer's placement, a replacement's swap): on zfs-fuse a rename mounts
+//!   a dataset with `canmount=on`;
 //! - a bare `.full` of the dataset left by an earlier attempt is removed
 //!   at a Finish that does not use it.
 
 use thiserror::Error;
 use zfsync_common::caps::Cap;
-use zfsync_common::naming::{format_replica_mark, DatasetName, RelPath};
+use zfsync_common::naming::{DatasetName, RelPath, SnapName, SnapshotName, REPLICA_MARK};
 use zfsync_common::plan::mirror;
 use zfsync_common::protocol::Finished;
 use zfsync_common::zfs::Snapshot;
@@ -59,11 +70,9 @@ pub(crate) async fn finish(
     }
     match &open.mode {
         Mode::Direct | Mode::Overwrite => {
-            if let Some(newest) = open.announced.last() {
-                // Before the mirrored retention, which may destroy the
-                // previously held snapshot.
-                move_hold(target, &open.dest, newest).await;
-            }
+            // Mirrored retention skips what the cache shows held, so the
+            // previous hold keeps its snapshot until the flush released it.
+            move_hold(target, &open.dest).await;
             remove_stale_full(target, &open.rel).await;
             Ok(Finished {
                 location: open.dest.to_string(),
@@ -72,12 +81,12 @@ pub(crate) async fn finish(
             })
         }
         Mode::Replace { replaces } => {
+            // The new copy's marks before it is renamed into place.
+            flush(target).await;
             replace::replace(target, peer, &open.dest, replaces, &open.rel).await?;
-            if let Some(newest) = open.announced.last() {
-                // Held once the new copy is in place (not on the
-                // temporary copy, which a pool root's fill destroys).
-                move_hold(target, replaces, newest).await;
-            }
+            // Held once the new copy is in place (not on the temporary
+            // copy, which a pool root's fill destroys).
+            move_hold(target, replaces).await;
             Ok(Finished {
                 location: replaces.to_string(),
                 buffered: open.buffered,
@@ -89,8 +98,9 @@ pub(crate) async fn finish(
 
 /// `canmount=noauto` and the replica mark, where a crash (or a failed
 /// `zfs set`) after the first receive left them unset: from the cache, so
-/// with no `zfs` call when the mark is right. A pool's root is never
-/// marked (zfsync fills it, but did not create it).
+/// with no `zfs` call when the mark is there; else they join the batch
+/// ([`flush`]). A pool's root is never marked (zfsync fills it, but did
+/// not create it).
 async fn ensure_marks(target: &Target, ds: &DatasetName) {
     if ds.is_pool_root() {
         return;
@@ -101,8 +111,10 @@ async fn ensure_marks(target: &Target, ds: &DatasetName) {
     if is_replica(&d) {
         return;
     }
-    tracing::info!(%ds, "setting canmount=noauto and the replica mark, which are not set");
-    never_automount(target, ds).await;
+    tracing::debug!(%ds, "canmount=noauto and the replica mark are to be set");
+    if target.mark_later(ds) {
+        flush(target).await;
+    }
 }
 
 /// A bare `HEX.full` of this dataset left by an earlier replacement (a
@@ -131,70 +143,194 @@ async fn remove_stale_full(target: &Target, rel: &RelPath) {
     }
 }
 
-/// Holds the newest snapshot of a finished dataset (the base of the
-/// next incremental) and releases this receiver's older holds on it,
-/// so that neither a person nor another tool destroys the base by
-/// accident. Once per dataset and run: one `zfs hold`, and one
-/// `zfs release` only when older snapshots are held (`userrefs` from
-/// the listing; `zfs release` goes on past a snapshot without the tag).
-/// Only where `zfs holds` exists (OpenZFS): without it the receiver
-/// could not find its own holds again before destroying a tree it made.
-async fn move_hold(target: &Target, dest: &DatasetName, newest: &Snapshot) {
-    let zfs = &target.zfs;
-    if !(zfs.caps().has(Cap::Holds) && zfs.caps().has(Cap::HoldsList)) {
+/// The receiver's hold is to move to the newest snapshot of a finished
+/// dataset (the base of the next incremental), so that neither a person
+/// nor another tool destroys the base by accident: batched ([`flush`]).
+/// Only where `zfs holds` exists (OpenZFS): without it the receiver could
+/// not find its own holds again before destroying a tree it made.
+async fn move_hold(target: &Target, dest: &DatasetName) {
+    let caps = target.zfs.caps();
+    if !(caps.has(Cap::Holds) && caps.has(Cap::HoldsList)) {
         return;
     }
-    let Ok(new) = dest.snapshot(&newest.name) else {
-        return;
-    };
-    let Some(d) = target.get(dest) else {
-        return;
-    };
-    if !d.held.contains(newest.name.as_str()) {
-        if let Err(e) = zfs.hold(RECV_HOLD, std::slice::from_ref(&new)).await {
-            tracing::warn!(%new, "cannot hold the received snapshot: {e}");
-            return;
-        }
-    }
-    let older: Vec<_> = d
-        .snapshots
-        .iter()
-        .filter(|s| s.guid != newest.guid && d.held.contains(s.name.as_str()))
-        .filter_map(|s| dest.snapshot(&s.name).ok())
-        .collect();
-    if let Err(e) = zfs.release(RECV_HOLD, &older).await {
-        // Also when one of them is held by someone else only.
-        tracing::debug!(%dest, "releasing the previous holds: {e}");
+    if target.hold_later(dest) {
+        flush(target).await;
     }
 }
 
-/// A dataset zfsync created is set `canmount=noauto`: a replica is
-/// never mounted by a rename, a `zfs mount -a` or a reboot (it would
-/// shadow the receiving host's own paths); `zfs mount` still mounts it.
-/// It is also marked `zfsync:replica=<its own GUID>`, which
-/// `--delete-missing` requires before it destroys anything (the GUID,
-/// because user properties are inherited: a child someone else made
-/// under a replica inherits the mark, but not the GUID). The mark is set
-/// only after `canmount`, so a right mark means both are set: the next
-/// Finish tries again otherwise ([`ensure_marks`]).
-pub(crate) async fn never_automount(target: &Target, ds: &DatasetName) {
+/// Sets what is pending, for every dataset at once: the marks of new
+/// replicas, then the receiver's holds. Called when a connection ends,
+/// before the buffer's datasets are placed or a replacement is swapped
+/// in, and when a batch is full ([`crate::state::PENDING_MAX`]).
+pub(crate) async fn flush(target: &Target) {
+    let _one = target.flushing.lock().await;
+    flush_marks(target).await;
+    flush_holds(target).await;
+}
+
+/// `canmount=noauto` on the pending file systems (a volume has no
+/// `canmount`), then the mark on those and the volumes: one `zfs set`
+/// each. A replica is never mounted by a rename, a `zfs mount -a` or a
+/// reboot (it would shadow the receiving host's own paths); `zfs mount`
+/// still mounts it. The mark (which `--delete-missing` requires before it
+/// destroys anything) goes only where `canmount` was set, so a mark means
+/// both are: the next Finish tries again otherwise ([`ensure_marks`]).
+async fn flush_marks(target: &Target) {
+    let todo: Vec<_> = target
+        .take_pending_marks()
+        .iter()
+        .filter_map(|ds| target.get(ds))
+        .filter(|d| !is_replica(d))
+        .collect();
+    if todo.is_empty() {
+        return;
+    }
+    let filesystems: Vec<DatasetName> = todo
+        .iter()
+        .filter(|d| d.kind != "volume")
+        .map(|d| d.name.clone())
+        .collect();
+    let unmountable = set_each(target, &filesystems, "canmount", "noauto").await;
+    let to_mark: Vec<DatasetName> = todo
+        .iter()
+        .filter(|d| d.kind == "volume" || unmountable.contains(&d.name))
+        .map(|d| d.name.clone())
+        .collect();
+    for ds in set_each(target, &to_mark, REPLICA_PROP, REPLICA_MARK).await {
+        target.marked(&ds);
+    }
+}
+
+/// One property on many datasets in one `zfs set`; after a failure, one
+/// by one, so that one bad dataset does not leave the others unset.
+/// Returns those set.
+async fn set_each(
+    target: &Target,
+    datasets: &[DatasetName],
+    prop: &str,
+    value: &str,
+) -> Vec<DatasetName> {
+    if datasets.is_empty() {
+        return Vec::new();
+    }
     let zfs = &target.zfs;
-    if let Err(e) = zfs.set(ds, "canmount", "noauto").await {
-        tracing::warn!(%ds, "cannot set canmount=noauto (the next Finish tries again): {e}");
-        return;
-    }
-    let Some(guid) = target.get(ds).map(|d| format_replica_mark(d.guid)) else {
-        return;
+    let e = match zfs.set_many(datasets, prop, value).await {
+        Ok(()) => return datasets.to_vec(),
+        Err(e) => e,
     };
-    match zfs.set(ds, REPLICA_PROP, &guid).await {
-        Ok(()) => target.mark_replica(ds, &guid),
-        Err(e) => tracing::warn!(%ds, "cannot set {REPLICA_PROP}: {e}"),
+    if let [ds] = datasets {
+        tracing::warn!(%ds, "cannot set {prop}={value} (the next Finish tries again): {e}");
+        return Vec::new();
     }
+    tracing::debug!(
+        "setting {prop}={value} on {} datasets at once: {e}; one by one",
+        datasets.len()
+    );
+    let mut set = Vec::new();
+    for ds in datasets {
+        match zfs.set(ds, prop, value).await {
+            Ok(()) => set.push(ds.clone()),
+            Err(e) => {
+                tracing::warn!(%ds, "cannot set {prop}={value} (the next Finish tries again): {e}")
+            }
+        }
+    }
+    set
+}
+
+/// What moving one dataset's hold takes, from the cache.
+struct HoldMove {
+    ds: DatasetName,
+    newest: SnapName,
+    /// The newest snapshot is held already.
+    held: bool,
+    /// Older snapshots held (by anyone: `userrefs`).
+    older: Vec<SnapName>,
+}
+
+/// Holds the newest snapshot of each pending dataset that is not held yet
+/// (one `zfs hold`), then releases this receiver's tag from the older ones
+/// of the datasets whose newest is held (one `zfs release`, which goes on
+/// past a snapshot without the tag). A failed hold keeps the old holds.
+async fn flush_holds(target: &Target) {
+    let moves: Vec<HoldMove> = target
+        .take_pending_holds()
+        .iter()
+        .filter_map(|ds| {
+            let d = target.get(ds)?;
+            let newest = d.snapshots.last()?.name.clone();
+            Some(HoldMove {
+                ds: ds.clone(),
+                held: d.held.contains(newest.as_str()),
+                older: (d.snapshots.iter())
+                    .filter(|s| s.name != newest && d.held.contains(s.name.as_str()))
+                    .map(|s| s.name.clone())
+                    .collect(),
+                newest,
+            })
+        })
+        .collect();
+    let snap = |ds: &DatasetName, n: &SnapName| ds.snapshot(n).ok();
+    let to_hold: Vec<SnapshotName> = (moves.iter())
+        .filter(|m| !m.held)
+        .filter_map(|m| snap(&m.ds, &m.newest))
+        .collect();
+    let newly = hold_each(target, &to_hold).await;
+    let mut release = Vec::new();
+    let mut moved = Vec::new();
+    for m in &moves {
+        let now_held = m.held || snap(&m.ds, &m.newest).is_some_and(|s| newly.contains(&s));
+        if !now_held {
+            continue;
+        }
+        target.holds_moved(&m.ds, Some(&m.newest), &[]);
+        release.extend(m.older.iter().filter_map(|o| snap(&m.ds, o)));
+        moved.push(m);
+    }
+    if release.is_empty() {
+        return;
+    }
+    match target.zfs.release(RECV_HOLD, &release).await {
+        Ok(()) => {
+            for m in moved {
+                target.holds_moved(&m.ds, None, &m.older);
+            }
+        }
+        // Also when one of them is held by someone else only.
+        Err(e) => tracing::debug!("releasing the previous holds: {e}"),
+    }
+}
+
+/// `zfs hold` of all at once; after a failure, one by one. Returns those
+/// held.
+async fn hold_each(target: &Target, snaps: &[SnapshotName]) -> Vec<SnapshotName> {
+    if snaps.is_empty() {
+        return Vec::new();
+    }
+    let zfs = &target.zfs;
+    let e = match zfs.hold(RECV_HOLD, snaps).await {
+        Ok(()) => return snaps.to_vec(),
+        Err(e) => e,
+    };
+    if let [one] = snaps {
+        tracing::warn!(snapshot = %one, "cannot hold the received snapshot: {e}");
+        return Vec::new();
+    }
+    let mut held = Vec::new();
+    for s in snaps {
+        match zfs.hold(RECV_HOLD, std::slice::from_ref(s)).await {
+            Ok(()) => held.push(s.clone()),
+            Err(e) => tracing::warn!(snapshot = %s, "cannot hold the received snapshot: {e}"),
+        }
+    }
+    held
 }
 
 /// Destroys the tool snapshots the sender no longer has (see
 /// [`mirror`]), unless the receiver keeps everything. Each is destroyed
-/// on its own, never with `-r`.
+/// on its own, never with `-r`; one the cache shows held is left for a
+/// later run (the receiver's own previous hold is released at the flush).
+/// The cache is updated, not listed again.
 async fn mirror_retention(
     target: &Target,
     peer: &str,
@@ -209,19 +345,23 @@ async fn mirror_retention(
     };
     let mut pruned = Vec::new();
     for name in mirror(&current.snapshots, announced) {
+        if current.held.contains(name.as_str()) {
+            tracing::debug!(%dest, snapshot = %name, "mirrored retention: held, left for a later run");
+            continue;
+        }
         let Ok(snap) = dest.snapshot(&name) else {
             continue;
         };
         match target.zfs.destroy_snapshot(&snap, false).await {
-            Ok(()) => pruned.push(name.to_string()),
+            Ok(()) => pruned.push(name),
             Err(e) => tracing::warn!(%snap, "mirrored retention: cannot destroy: {e}"),
         }
     }
     if !pruned.is_empty() {
         tracing::info!(peer = %peer, %dest, ?pruned, "mirrored the sender's retention");
-        let _ = target.refresh(dest).await;
+        target.snapshots_destroyed(dest, &pruned);
     }
-    pruned
+    pruned.iter().map(|n| n.to_string()).collect()
 }
 
 #[cfg(test)]
@@ -269,7 +409,7 @@ mod tests {
         a.snapshots = vec![snap("zfsync_1", 10, 1), snap("s2", 12, 2)];
         // Marked already: Finish needs no `zfs set`.
         a.props
-            .insert(REPLICA_PROP.to_string(), format_replica_mark(a.guid));
+            .insert(REPLICA_PROP.to_string(), REPLICA_MARK.to_string());
         let t = Target::new(
             ds("p/t"),
             std::sync::Arc::new(zfsync_common::zfs::Zfs::default()),

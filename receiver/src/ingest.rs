@@ -13,9 +13,20 @@
 //!   drained, never received;
 //! - an empty data frame ends the connection (it carries nothing, and
 //!   would only make the receiver work or queue for nothing);
-//! - an incremental first rolls the destination back (never `-r`) to its
-//!   newest snapshot, freshly listed; `-F` only for an overwrite, which is
-//!   unmounted first and never resumable;
+//! - an incremental starts from the destination's newest snapshot per the
+//!   cache, which is the truth between listings (no `zfs` call to check);
+//!   it is rolled back first (never `-r`) only where zfs has `written` and
+//!   the replica changed since that snapshot (or `written` is unknown);
+//!   where zfs has no `written` (zfs-fuse) or the change came later, a
+//!   `zfs receive` refused because the destination was modified rolls it
+//!   back (never `-r`) and answers the stream as a temporary failure, which
+//!   the sender sends again; `-F` only for an overwrite, which is unmounted
+//!   first and never resumable;
+//! - a successful receive updates the cache from what the stream carried
+//!   (the snapshots the validator saw, with the sender's names and GUIDs),
+//!   without listing; a failed, cut or refused one lists the destination
+//!   again; a new replica's marks travel in the receive (`-o`) where zfs
+//!   can, else they are set in a batch (`finish::flush`);
 //! - the last data frame (with the stream's END record) is held back until
 //!   `End{bytes}` matches what arrived; a cut, an `Abort`, a count mismatch,
 //!   an unexpected message or a shutdown closes `zfs receive`'s input early
@@ -28,14 +39,14 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use zfsync_common::caps::{Cap, Caps, SendPath};
-use zfsync_common::naming::{DatasetName, NameError, SnapName};
+use zfsync_common::naming::{DatasetName, NameError, SnapName, REPLICA_MARK};
 use zfsync_common::protocol::{Frame, Message, ProtocolError, StreamRequest};
-use zfsync_common::stream::{feature_names, Allow, Expect, Validator, HEAD_MAX};
-use zfsync_common::zfs::{ChildWriter, RecvSpec, Snapshot, ZfsChild, ZfsError};
+use zfsync_common::stream::{feature_names, is_raw, Allow, Expect, Validator, HEAD_MAX};
+use zfsync_common::zfs::{ChildWriter, RecvOption, RecvSpec, Snapshot, ZfsChild, ZfsError};
 
-use crate::finish::never_automount;
+use crate::finish;
 use crate::open::{Mode, Open};
-use crate::state::Target;
+use crate::state::{NewDataset, Target, REPLICA_PROP};
 
 /// How long an aborted `zfs receive` may take to clean up before it is
 /// killed.
@@ -58,6 +69,10 @@ pub(crate) struct Planned {
     overwrite: bool,
     /// Continues a cut stream (`zfs send -t` on the sender).
     resume: bool,
+    /// Straight into the destination (not a replacement's temporary copy,
+    /// not a `-F` overwrite): the steady state, whose cache entry is
+    /// updated from the stream.
+    direct: bool,
 }
 
 /// Why a stream announcement is refused (before any data).
@@ -91,9 +106,6 @@ pub(crate) enum IngestError {
     /// The stream validator said no.
     #[error("refused stream: {0}")]
     Refused(String),
-    /// Listing the destination before the rollback failed.
-    #[error(transparent)]
-    List(ZfsError),
     #[error(
         "{0} changed meanwhile: its newest snapshot is no longer the stream's base; run again"
     )]
@@ -102,6 +114,10 @@ pub(crate) enum IngestError {
     Name(#[from] NameError),
     #[error("cannot roll {dest} back to its newest snapshot: {source}")]
     Rollback { dest: DatasetName, source: ZfsError },
+    /// `zfs receive` refused because the replica changed since its newest
+    /// snapshot; it was rolled back, and the stream goes again.
+    #[error("{dest} was changed on the receiver since its newest snapshot; the changes were dropped (rolled back to @{snap}); the sender sends it again")]
+    Modified { dest: DatasetName, snap: SnapName },
     #[error(transparent)]
     Spawn(ZfsError),
     #[error("the stream is too short to be a zfs send stream")]
@@ -123,9 +139,9 @@ pub(crate) enum IngestError {
 }
 
 impl IngestError {
-    /// Worth sending again in this run, as is.
+    /// Worth sending again in the same run: the replica was rolled back.
     pub(crate) fn is_temporary(&self) -> bool {
-        false
+        matches!(self, IngestError::Modified { .. })
     }
 }
 
@@ -187,6 +203,7 @@ pub(crate) fn check_stream(
         from_guid,
         overwrite,
         resume,
+        direct: matches!(open.mode, Mode::Direct),
     };
     match (req.from_guid, exists, newest) {
         (None, false, _) => Ok(planned(0, false)),
@@ -215,34 +232,72 @@ pub(crate) fn check_stream(
     }
 }
 
+/// Whether an incremental must roll the destination back before `zfs
+/// receive`: only where zfs has `written` and it is not 0 (a change since
+/// the newest snapshot) or unknown. Without the property (zfs-fuse) the
+/// receive goes ahead, and a refusal for a modified destination is
+/// answered by a rollback and a second try ([`IngestError::Modified`]).
+pub(crate) fn needs_rollback(caps: &Caps, written: Option<u64>) -> bool {
+    caps.has(Cap::Written) && written != Some(0)
+}
+
+/// The `-o` options that mark a new replica in its first `zfs receive`,
+/// where zfs has `receive -o` (OpenZFS): `canmount=noauto` (not for a
+/// volume, which has no `canmount`) and the replica mark; none for a
+/// resumed or `-F` receive, nor a property the admin's own
+/// `--recv-option`s name. Elsewhere the marks are set in a batch
+/// afterwards (`finish::flush`).
+pub(crate) fn marks_in_receive(
+    caps: &Caps,
+    plan_new: bool,
+    volume: bool,
+    admin: &[RecvOption],
+) -> Vec<RecvOption> {
+    if !(plan_new && caps.has(Cap::RecvSetProp)) {
+        return Vec::new();
+    }
+    let named = |p: &str| {
+        admin.iter().any(|o| match o {
+            RecvOption::Set(k, _) | RecvOption::Exclude(k) => k == p,
+        })
+    };
+    let mut v = Vec::new();
+    if !volume && !named("canmount") {
+        v.push(RecvOption::Set("canmount".into(), "noauto".into()));
+    }
+    if !named(REPLICA_PROP) {
+        v.push(RecvOption::Set(REPLICA_PROP.into(), REPLICA_MARK.into()));
+    }
+    v
+}
+
 /// Gets the destination ready and starts `zfs receive`. An incremental
-/// is received without `-F`: the destination is first rolled back to
-/// its newest snapshot (without `-r`, so ZFS refuses if a newer one
-/// appeared meanwhile), which drops changes made inside the replica and
-/// can never drop a snapshot.
+/// is received without `-F`, from the newest snapshot the cache shows;
+/// the destination is rolled back to it first only when it is known or
+/// may have changed ([`needs_rollback`]). A rollback is never `-r`, so
+/// ZFS refuses if a newer snapshot appeared meanwhile: it drops changes
+/// made inside the replica and can never drop a snapshot. Returns the
+/// child and whether the receive sets the replica mark.
 async fn start_receive(
     target: &Target,
     peer_caps: &Caps,
     dest: &DatasetName,
     plan: &Planned,
-) -> Result<ZfsChild, IngestError> {
+    volume: bool,
+) -> Result<(ZfsChild, bool), IngestError> {
     let zfs = &target.zfs;
+    let caps = zfs.caps();
     // (A resumed incremental goes on into `dest/%recv`; rolling `dest`
     // itself back does not touch that.)
     if plan.from_guid != 0 {
-        // Fresh, not from the cache: another run may have moved on.
-        let fresh = target.refresh(dest).await.map_err(IngestError::List)?;
-        let newest = fresh.as_ref().and_then(|d| d.snapshots.last());
+        let d = target.get(dest);
+        let newest = d.as_ref().and_then(|d| d.snapshots.last());
         let Some(newest) = newest.filter(|n| n.guid == plan.from_guid) else {
             return Err(IngestError::BaseGone(dest.clone()));
         };
-        let snap = dest.snapshot(&newest.name)?;
-        zfs.rollback(&snap)
-            .await
-            .map_err(|source| IngestError::Rollback {
-                dest: dest.clone(),
-                source,
-            })?;
+        if needs_rollback(&caps, d.as_ref().and_then(|d| d.written)) {
+            rollback(target, dest, &newest.name).await?;
+        }
     }
     if plan.overwrite {
         // zfs swaps the new copy in at the end; a mounted destination
@@ -252,17 +307,41 @@ async fn start_receive(
             tracing::debug!(%dest, "unmount before the overwrite: {e}");
         }
     }
+    let plan_new = plan.from_guid == 0 && !plan.overwrite && !plan.resume;
+    let marks = marks_in_receive(&caps, plan_new, volume, &target.recv_options);
+    let marked = marks
+        .iter()
+        .any(|o| matches!(o, RecvOption::Set(k, _) if k == REPLICA_PROP));
+    let mut options = marks;
+    options.extend(target.recv_options.iter().cloned());
     let spec = RecvSpec {
         force: plan.overwrite,
         // A cut transfer keeps what arrived (OpenZFS): the next run
         // goes on from there. Never for -F: a partial overwrite must
         // not linger over the existing dataset.
-        resumable: zfs.caps().can_receive_resumable()
+        resumable: caps.can_receive_resumable()
             && peer_caps.has(Cap::SendResume)
             && !plan.overwrite,
-        options: target.recv_options.clone(),
+        options,
     };
-    zfs.spawn_receive(dest, &spec).map_err(IngestError::Spawn)
+    let child = zfs.spawn_receive(dest, &spec).map_err(IngestError::Spawn)?;
+    Ok((child, marked))
+}
+
+/// `zfs rollback dest@snap` (never `-r`), recorded in the cache.
+async fn rollback(target: &Target, dest: &DatasetName, snap: &SnapName) -> Result<(), IngestError> {
+    let full = dest.snapshot(snap)?;
+    target
+        .zfs
+        .rollback(&full)
+        .await
+        .map_err(|source| IngestError::Rollback {
+            dest: dest.clone(),
+            source,
+        })?;
+    let written = target.zfs.caps().has(Cap::Written).then_some(0);
+    target.rolled_back(dest, written);
+    Ok(())
 }
 
 /// `zfs receive`'s input. A failed write means zfs stopped reading (it
@@ -320,6 +399,10 @@ struct Feed<'a> {
     peer_caps: &'a Caps,
     dest: &'a DatasetName,
     plan: &'a Planned,
+    /// The sender's snapshots: what the stream may create.
+    announced: &'a [Snapshot],
+    /// The base's createtxg on the sender (0 for a full stream).
+    from_createtxg: u64,
     /// Sees every byte before `zfs receive` does.
     validator: Validator<'a>,
     /// The bytes that arrived before the validator knew the head (fewer
@@ -334,6 +417,10 @@ struct Feed<'a> {
     total: u64,
     /// The stream's feature flags, from its head.
     features: u64,
+    /// The receive sets the replica mark itself (`-o`).
+    marked: bool,
+    /// The stream is of a volume (from its head).
+    volume: bool,
 }
 
 impl<'a> Feed<'a> {
@@ -342,7 +429,7 @@ impl<'a> Feed<'a> {
         target: &'a Target,
         peer: &'a str,
         peer_caps: &'a Caps,
-        dest: &'a DatasetName,
+        open: &'a Open,
         plan: &'a Planned,
         validator: Validator<'a>,
     ) -> Feed<'a> {
@@ -350,8 +437,10 @@ impl<'a> Feed<'a> {
             target,
             peer,
             peer_caps,
-            dest,
+            dest: &open.dest,
             plan,
+            announced: &open.announced,
+            from_createtxg: base_createtxg(open, plan),
             validator,
             early: Vec::new(),
             running: None,
@@ -359,6 +448,8 @@ impl<'a> Feed<'a> {
             pending: None,
             total: 0,
             features: 0,
+            marked: false,
+            volume: false,
         }
     }
 
@@ -384,7 +475,7 @@ impl<'a> Feed<'a> {
             }
             return Ok(());
         }
-        let Some(features) = self.validator.head().map(|h| h.features) else {
+        let Some((features, volume)) = self.validator.head().map(|h| (h.features, h.volume)) else {
             if self.early.len() + b.len() >= HEAD_MAX {
                 // The validator decides within HEAD_MAX bytes; never here.
                 let e = format!("no stream head within its first {HEAD_MAX} bytes");
@@ -394,10 +485,12 @@ impl<'a> Feed<'a> {
             }
             return Ok(());
         };
-        match start_receive(self.target, self.peer_caps, self.dest, self.plan).await {
+        match start_receive(self.target, self.peer_caps, self.dest, self.plan, volume).await {
             Err(e) => self.refuse(e).await,
-            Ok(mut child) => {
+            Ok((mut child, marked)) => {
                 self.features = features;
+                self.marked = marked;
+                self.volume = volume;
                 let mut input = Input {
                     stdin: child.take_stdin(),
                     failed: false,
@@ -459,35 +552,37 @@ impl<'a> Feed<'a> {
         let Running { mut child, input } = running;
         drop(input);
         let result = child.close_within(target.zfs.call_timeout()).await;
-        let _ = target.refresh(dest).await;
         if let Err(source) = result {
-            let unsupported =
-                matches!(source, ZfsError::UnsupportedStreamFeature { .. }).then(|| Unsupported {
-                    features: feature_names(self.features),
-                    zfs: target.zfs.caps().version,
-                });
-            let mut discarded = false;
-            if plan.resume {
-                // zfs itself refused the continuation: the state is of no
-                // use; the next run plans the dataset afresh.
-                match target.zfs.abort_resumable(dest).await {
-                    Ok(()) => discarded = true,
-                    Err(e2) => tracing::debug!(%dest, "zfs receive -A: {e2}"),
-                }
-                let _ = target.refresh(dest).await;
-            }
-            let e = IngestError::Receive {
-                source,
-                discarded,
-                unsupported,
-            };
-            tracing::warn!(peer = %self.peer, %dest, "zfs receive failed: {e}");
-            return Err(e);
+            return Err(self.failed(source).await);
         }
+        // The stream passed the validator whole and zfs took all of it:
+        // what it carried is what the destination has now.
+        if let Some(snaps) = self.created().filter(|_| plan.direct) {
+            let new = plan.from_guid == 0;
+            target.received(
+                dest,
+                NewDataset {
+                    kind: if self.volume { "volume" } else { "filesystem" },
+                    encrypted: is_raw(self.features),
+                    marked: self.marked,
+                    written: target.zfs.caps().has(Cap::Written).then_some(0),
+                },
+                &snaps,
+            );
+            if new && !self.marked && target.mark_later(dest) {
+                finish::flush(target).await;
+            }
+            tracing::info!(peer = %self.peer, %dest, snapshot = %plan.to.name, bytes, "received");
+            return Ok(bytes);
+        }
+        // A replacement, an overwrite, or a stream zfs took although it
+        // did not end where the validator expects: listed again.
+        let _ = target.refresh(dest).await;
         match target.newest(dest) {
             Some(n) if n.guid == plan.to.guid => {
-                if plan.from_guid == 0 && !plan.overwrite {
-                    never_automount(target, dest).await;
+                if plan.from_guid == 0 && !plan.overwrite && !self.marked && target.mark_later(dest)
+                {
+                    finish::flush(target).await;
                 }
                 tracing::info!(peer = %self.peer, %dest, snapshot = %plan.to.name, bytes, "received");
                 Ok(bytes)
@@ -497,6 +592,81 @@ impl<'a> Feed<'a> {
                 guid: plan.to.guid,
             }),
         }
+    }
+
+    /// The snapshots a whole stream created, oldest first: the announced
+    /// ones after the base up to `to` (by the sender's createtxg), when the
+    /// validator saw as many substreams (each newer than the one before,
+    /// none past `to`: then exactly these) and the last was `to`.
+    fn created(&self) -> Option<Vec<Snapshot>> {
+        let v = &self.validator;
+        if !v.is_complete() || v.last_created() != self.plan.to.guid {
+            return None;
+        }
+        let to = &self.plan.to;
+        let snaps: Vec<Snapshot> = (self.announced.iter())
+            .filter(|s| s.createtxg > self.from_createtxg && s.createtxg <= to.createtxg)
+            .cloned()
+            .collect();
+        (snaps.len() as u64 == v.substreams()).then_some(snaps)
+    }
+
+    /// `zfs receive` failed: the destination is listed again (not the
+    /// steady state). A destination modified since its newest snapshot is
+    /// rolled back to it (never `-r`), and the stream is failed as
+    /// temporary: the sender sends it again. A snapshot someone else made
+    /// meanwhile is "changed meanwhile", nothing rolled back.
+    async fn failed(&mut self, source: ZfsError) -> IngestError {
+        let (target, dest, plan) = (self.target, self.dest, self.plan);
+        let _ = target.refresh(dest).await;
+        let newest = target.newest(dest);
+        let foreign = newest
+            .as_ref()
+            .is_some_and(|n| !self.announced.iter().any(|s| s.guid == n.guid));
+        if plan.from_guid != 0 && !plan.resume && foreign {
+            tracing::warn!(peer = %self.peer, %dest, "zfs receive failed, a snapshot appeared meanwhile: {source}");
+            return IngestError::BaseGone(dest.clone());
+        }
+        if matches!(source, ZfsError::Modified { .. }) && plan.from_guid != 0 {
+            if let Some(n) = newest.filter(|n| n.guid == plan.from_guid) {
+                return match rollback(target, dest, &n.name).await {
+                    Ok(()) => {
+                        let e = IngestError::Modified {
+                            dest: dest.clone(),
+                            snap: n.name,
+                        };
+                        tracing::warn!(peer = %self.peer, "{e}");
+                        e
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %self.peer, %dest, "{e}");
+                        e
+                    }
+                };
+            }
+        }
+        let unsupported =
+            matches!(source, ZfsError::UnsupportedStreamFeature { .. }).then(|| Unsupported {
+                features: feature_names(self.features),
+                zfs: target.zfs.caps().version,
+            });
+        let mut discarded = false;
+        if plan.resume {
+            // zfs itself refused the continuation: the state is of no
+            // use; the next run plans the dataset afresh.
+            match target.zfs.abort_resumable(dest).await {
+                Ok(()) => discarded = true,
+                Err(e2) => tracing::debug!(%dest, "zfs receive -A: {e2}"),
+            }
+            let _ = target.refresh(dest).await;
+        }
+        let e = IngestError::Receive {
+            source,
+            discarded,
+            unsupported,
+        };
+        tracing::warn!(peer = %self.peer, %dest, "zfs receive failed: {e}");
+        e
     }
 
     /// The connection ended mid-stream.
@@ -529,6 +699,14 @@ pub(crate) async fn drain(frames: &mut impl Frames) -> Result<(), ProtocolError>
     }
 }
 
+/// The base's createtxg on the sender (a snapshot or a bookmark; 0 for a
+/// full stream): the stream's snapshots must be newer.
+fn base_createtxg(open: &Open, plan: &Planned) -> u64 {
+    (open.announced.iter().chain(&open.bookmarks))
+        .find(|s| plan.from_guid != 0 && s.guid == plan.from_guid)
+        .map_or(0, |s| s.createtxg)
+}
+
 /// Pipes one stream (announced, checked into `plan`) into `zfs receive`.
 /// Every frame passes the stream validator on arrival; `zfs receive`
 /// starts once the head passed, and frames go to it one behind, so the
@@ -543,13 +721,9 @@ pub(crate) async fn receive(
 ) -> Result<u64, IngestError> {
     let local = target.zfs.caps();
     let path = SendPath::choose(peer_caps, &local);
-    // The base (a snapshot or a bookmark; none for a full stream), by the
-    // sender's createtxg: the stream's snapshots must be newer.
-    let base = (open.announced.iter().chain(&open.bookmarks))
-        .find(|s| plan.from_guid != 0 && s.guid == plan.from_guid);
     let expect = Expect {
         from_guid: plan.from_guid,
-        from_createtxg: base.map_or(0, |s| s.createtxg),
+        from_createtxg: base_createtxg(open, plan),
         to: &plan.to,
         announced: &open.announced,
         allow: Allow {
@@ -558,14 +732,7 @@ pub(crate) async fn receive(
             compressed: path.compressed,
         },
     };
-    let mut feed = Feed::new(
-        target,
-        peer,
-        peer_caps,
-        &open.dest,
-        plan,
-        Validator::new(expect),
-    );
+    let mut feed = Feed::new(target, peer, peer_caps, open, plan, Validator::new(expect));
     loop {
         let frame = match frames.next_frame().await {
             Ok(Some(f)) => f,

@@ -240,7 +240,7 @@ pub async fn run_with(
                     .await;
                 return;
             }
-            let Ok(_session) = sessions.try_acquire_owned() else {
+            let Ok(place) = sessions.try_acquire_owned() else {
                 tracing::warn!(peer = %who, "refusing: {max} connections already open");
                 let _ = conn
                     .send(Message::Error {
@@ -254,6 +254,11 @@ pub async fn run_with(
                 Ok(()) => tracing::info!(peer = %who, "disconnected"),
                 Err(e) => tracing::warn!(peer = %who, "connection ended: {e}"),
             }
+            // The connection's place is free for the next (the sender's
+            // cleanbuffer comes at once); then the marks and holds its
+            // datasets left pending are set, in one batch.
+            drop(place);
+            finish::flush(&shared.target).await;
         });
     }
     tracing::info!("shutting down: no new connections; ending the open ones");

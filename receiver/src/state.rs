@@ -1,20 +1,31 @@
 //! The receiver's view of its target: a cache of the target and buffer
-//! trees (listed once per sender run, refreshed per dataset after each
-//! change), the per-dataset locks that keep two connections from
-//! receiving into the same dataset, and the memory budget all connections
+//! trees (listed once per sender run, then kept up to date with every
+//! change the receiver makes), the per-dataset locks that keep two
+//! connections from receiving into the same dataset, the marks and holds
+//! still to be set in one batch, and the memory budget all connections
 //! share.
 //!
 //! Invariants: the cache's mutex is never held across an `.await`; a
 //! relative path is busy exactly while its [`DatasetLock`] lives; the
 //! budget's bytes in use are the sum of the live [`Reservation`]s.
+//!
+//! The cache is the truth between listings. After a successful `zfs
+//! receive` it is updated from what the stream carried (its snapshots,
+//! with the sender's names and GUIDs), not listed again; after a failure
+//! the dataset is listed again. A snapshot added so gets a `createtxg` one
+//! above the dataset's newest: on the receiver a snapshot's `createtxg` is
+//! an order key within its dataset only (the planner and mirrored
+//! retention compare it only with the same dataset's), never compared
+//! with a real txg or the sender's. A dataset a full receive made gets
+//! GUID 0 (unknown): nothing reads a receiver dataset's own GUID.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use zfsync_common::naming::{
-    buffer_root, format_buffer_leaf, format_temp_leaf, parse_buffer_leaf, parse_replica_mark,
-    DatasetName, NameError, RelPath, Temp,
+    buffer_root, format_buffer_leaf, format_replica_mark, format_temp_leaf, parse_buffer_leaf,
+    parse_replica_mark, DatasetName, NameError, RelPath, ReplicaMark, SnapName, Temp,
 };
 pub use zfsync_common::naming::{RECV_HOLD, REPLICA_PROP};
 use zfsync_common::zfs::{Backend, Dataset, RecvOption, Snapshot, ZfsError};
@@ -48,7 +59,24 @@ pub struct Target {
     listings: tokio::sync::Mutex<Listings>,
     /// Memory for what requests hold, shared by all connections.
     pub budget: Arc<MemoryBudget>,
+    /// New replicas whose `canmount=noauto` and mark are still to be set
+    /// (where `zfs receive -o` cannot set them), in one `zfs set` per
+    /// property for all (see `finish::flush`). Shared by all connections
+    /// (any of them flushes); a std mutex, never held across `.await`.
+    pending_marks: Mutex<BTreeSet<DatasetName>>,
+    /// Datasets whose receiver hold is to move to their newest snapshot,
+    /// in one `zfs hold` and one `zfs release` for all. As above.
+    pending_holds: Mutex<BTreeSet<DatasetName>>,
+    /// One flush at a time (an async mutex, held across the `zfs set`s):
+    /// a flush that returns has seen every mark pending when it started
+    /// set, also those another connection's flush took first; placement
+    /// relies on it before it renames.
+    pub(crate) flushing: tokio::sync::Mutex<()>,
 }
+
+/// Pending marks or holds beyond this many are set at once, not at the
+/// end of the connection.
+pub const PENDING_MAX: usize = 256;
 
 /// The receiver's default memory budget (`--memory-budget`).
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
@@ -190,13 +218,35 @@ impl Listings {
     }
 }
 
-/// Did zfsync create this dataset? Its mark is its own GUID, so a dataset
-/// that merely inherited a parent's mark does not count.
+/// Did zfsync create this dataset? It carries the mark, set on the
+/// dataset itself: the listing keeps user properties only where their
+/// source is `local` (`zfs::parse_get`), so a dataset that merely
+/// inherited a parent's mark does not count. An old mark (the dataset's
+/// own GUID) counts where it is that GUID.
 pub fn is_replica(d: &Dataset) -> bool {
-    d.props
+    match d
+        .props
         .get(REPLICA_PROP)
         .and_then(|v| parse_replica_mark(v))
-        .is_some_and(|g| g == d.guid)
+    {
+        Some(ReplicaMark::Current) => true,
+        Some(ReplicaMark::Guid(g)) => g != 0 && g == d.guid,
+        None => false,
+    }
+}
+
+/// What a full receive made, for [`Target::received`]; for an existing
+/// dataset only `written` and `marked` count.
+#[derive(Clone, Copy, Debug)]
+pub struct NewDataset {
+    /// `filesystem` or `volume` (from the stream's `drr_type`).
+    pub kind: &'static str,
+    /// A raw stream (`send -w`) of an encrypted dataset.
+    pub encrypted: bool,
+    /// The receive set the replica mark (`zfs receive -o`).
+    pub marked: bool,
+    /// `Some(0)` where zfs has `written`.
+    pub written: Option<u64>,
 }
 
 /// Held while a connection works on a dataset; dropping it frees the path.
@@ -231,6 +281,9 @@ impl Target {
             busy: Arc::new(Mutex::new(HashSet::new())),
             listings: tokio::sync::Mutex::new(Listings::default()),
             budget: MemoryBudget::new(DEFAULT_MEMORY_BUDGET),
+            pending_marks: Mutex::new(BTreeSet::new()),
+            pending_holds: Mutex::new(BTreeSet::new()),
+            flushing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -320,10 +373,104 @@ impl Target {
             .collect()
     }
 
-    pub fn mark_replica(&self, ds: &DatasetName, guid: &str) {
+    /// Records that `ds` now carries the replica mark.
+    pub fn marked(&self, ds: &DatasetName) {
         if let Some(d) = lock(&self.cache).get_mut(ds) {
-            d.props.insert(REPLICA_PROP.to_string(), guid.to_string());
+            d.props
+                .insert(REPLICA_PROP.to_string(), format_replica_mark());
         }
+    }
+
+    /// Records a successful `zfs receive` into `ds` from what the stream
+    /// carried, without listing (see the module documentation): `created`
+    /// (the sender's names and GUIDs, oldest first) are appended after the
+    /// newest snapshot; a dataset the receive created is added (`kind`,
+    /// GUID 0, the mark if the receive set it). The receive left `ds` equal
+    /// to its newest snapshot: `written` is 0 where zfs has the property.
+    pub fn received(&self, ds: &DatasetName, new: NewDataset, created: &[Snapshot]) {
+        let mut cache = lock(&self.cache);
+        let d = cache.entry(ds.clone()).or_insert_with(|| Dataset {
+            name: ds.clone(),
+            guid: 0,
+            kind: new.kind.to_string(),
+            snapshots: Vec::new(),
+            props: BTreeMap::new(),
+            held: BTreeSet::new(),
+            bookmarks: Vec::new(),
+            resume_token: None,
+            encrypted: new.encrypted,
+            written: None,
+        });
+        let after = d.snapshots.last().map_or(0, |s| s.createtxg);
+        for (txg, s) in (after + 1..).zip(created) {
+            d.snapshots.push(Snapshot {
+                name: s.name.clone(),
+                guid: s.guid,
+                createtxg: txg,
+            });
+        }
+        d.resume_token = None;
+        d.written = new.written;
+        if new.marked {
+            d.props
+                .insert(REPLICA_PROP.to_string(), format_replica_mark());
+        }
+    }
+
+    /// Records a rollback of `ds` to its newest snapshot.
+    pub fn rolled_back(&self, ds: &DatasetName, written: Option<u64>) {
+        if let Some(d) = lock(&self.cache).get_mut(ds) {
+            d.written = written;
+        }
+    }
+
+    /// Records that these snapshots of `ds` were destroyed.
+    pub fn snapshots_destroyed(&self, ds: &DatasetName, names: &[SnapName]) {
+        if let Some(d) = lock(&self.cache).get_mut(ds) {
+            d.snapshots.retain(|s| !names.contains(&s.name));
+            d.held.retain(|h| !names.iter().any(|n| n.as_str() == h));
+        }
+    }
+
+    /// Records the receiver's hold moving: `held` is held now, `released`
+    /// are not any more.
+    pub fn holds_moved(&self, ds: &DatasetName, held: Option<&SnapName>, released: &[SnapName]) {
+        if let Some(d) = lock(&self.cache).get_mut(ds) {
+            if let Some(h) = held {
+                d.held.insert(h.to_string());
+            }
+            d.held.retain(|h| !released.iter().any(|r| r.as_str() == h));
+        }
+    }
+
+    /// `ds` needs its marks set (batched); true when the batch is full
+    /// and should be set now.
+    pub fn mark_later(&self, ds: &DatasetName) -> bool {
+        let mut p = lock(&self.pending_marks);
+        p.insert(ds.clone());
+        p.len() >= PENDING_MAX
+    }
+
+    /// `ds`'s hold is to move to its newest snapshot (batched); true when
+    /// the batch is full.
+    pub fn hold_later(&self, ds: &DatasetName) -> bool {
+        let mut p = lock(&self.pending_holds);
+        p.insert(ds.clone());
+        p.len() >= PENDING_MAX
+    }
+
+    /// The pending marks, taken.
+    pub fn take_pending_marks(&self) -> Vec<DatasetName> {
+        std::mem::take(&mut *lock(&self.pending_marks))
+            .into_iter()
+            .collect()
+    }
+
+    /// The pending holds, taken.
+    pub fn take_pending_holds(&self) -> Vec<DatasetName> {
+        std::mem::take(&mut *lock(&self.pending_holds))
+            .into_iter()
+            .collect()
     }
 
     /// Datasets in place under the target whose relative path is not in
@@ -351,6 +498,20 @@ impl Target {
 
     /// Records a rename of `from` (and everything below it) to `to`.
     pub fn renamed(&self, from: &DatasetName, to: &DatasetName) {
+        for pending in [&self.pending_marks, &self.pending_holds] {
+            let mut p = lock(pending);
+            let moved: Vec<DatasetName> = p
+                .iter()
+                .filter(|k| *k == from || k.relative_to(from).is_some())
+                .cloned()
+                .collect();
+            for old in moved {
+                p.remove(&old);
+                if let Some(new) = old.relative_to(from).and_then(|r| to.join(&r).ok()) {
+                    p.insert(new);
+                }
+            }
+        }
         let mut cache = lock(&self.cache);
         let moved: Vec<DatasetName> = cache
             .keys()
@@ -369,7 +530,10 @@ impl Target {
 
     /// Records that `ds` and everything below it are gone.
     pub fn destroyed(&self, ds: &DatasetName) {
-        lock(&self.cache).retain(|k, _| !(k == ds || k.relative_to(ds).is_some()));
+        let gone = |k: &DatasetName| k == ds || k.relative_to(ds).is_some();
+        lock(&self.cache).retain(|k, _| !gone(k));
+        lock(&self.pending_marks).retain(|k| !gone(k));
+        lock(&self.pending_holds).retain(|k| !gone(k));
     }
 
     pub fn in_place_name(&self, rel: &RelPath) -> Result<DatasetName, NameError> {
@@ -513,6 +677,98 @@ mod tests {
         assert!(!t.exists(&ds("p/t.zfsyncbuffer/2F61")));
         t.destroyed(&ds("p/t/a"));
         assert!(!t.exists(&ds("p/t/a/x")) && t.exists(&ds("p/t")));
+    }
+
+    /// ST1: a receive updates the cache from the stream: the sender's
+    /// names and GUIDs, order keys above the newest; a new dataset with
+    /// GUID 0; `written` 0 where zfs has it.
+    #[test]
+    fn a_receive_updates_the_cache_without_a_listing() {
+        use crate::testing::{dataset, snap};
+        let mut a = dataset("p/t/a");
+        a.snapshots = vec![snap("s1", 11, 500)];
+        a.written = Some(4096);
+        let t = crate::testing::target_of([a]);
+        let new = |marked| NewDataset {
+            kind: "filesystem",
+            encrypted: false,
+            marked,
+            written: Some(0),
+        };
+        // The sender's createtxgs (101, 102) are not kept.
+        t.received(
+            &ds("p/t/a"),
+            new(false),
+            &[snap("s2", 12, 101), snap("s3", 13, 102)],
+        );
+        let a = t.get(&ds("p/t/a")).unwrap();
+        let got: Vec<_> = (a.snapshots.iter())
+            .map(|s| (s.name.to_string(), s.guid, s.createtxg))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("s1".into(), 11, 500),
+                ("s2".into(), 12, 501),
+                ("s3".into(), 13, 502)
+            ]
+        );
+        assert_eq!(a.written, Some(0));
+        assert!(!is_replica(&a), "an existing dataset keeps its props");
+        t.received(
+            &ds("p/t/b"),
+            NewDataset {
+                kind: "volume",
+                ..new(true)
+            },
+            &[snap("s1", 21, 7)],
+        );
+        let b = t.get(&ds("p/t/b")).unwrap();
+        assert_eq!(
+            (b.guid, b.kind.as_str(), b.snapshots[0].createtxg),
+            (0, "volume", 1)
+        );
+        assert!(is_replica(&b));
+        t.snapshots_destroyed(&ds("p/t/a"), &[SnapName::new("s2").unwrap()]);
+        assert_eq!(t.get(&ds("p/t/a")).unwrap().snapshots.len(), 2);
+    }
+
+    /// The mark counts where it is set (the listing drops inherited
+    /// values): the constant, or an old mark that is the dataset's GUID.
+    #[test]
+    fn replica_marks_new_and_old() {
+        use crate::testing::dataset;
+        let with = |v: &str| {
+            let mut d = dataset("p/t/a");
+            d.guid = 77;
+            d.props.insert(REPLICA_PROP.into(), v.into());
+            d
+        };
+        assert!(is_replica(&with("yes")));
+        assert!(is_replica(&with("77")));
+        assert!(!is_replica(&with("78")));
+        assert!(!is_replica(&with("0")));
+        assert!(!is_replica(&with("no")));
+        assert!(!is_replica(&dataset("p/t/a")));
+    }
+
+    /// Pending marks and holds follow renames and vanish with a destroy;
+    /// a full batch says so.
+    #[test]
+    fn pending_marks_follow_renames_and_destroys() {
+        let t = target_with(&[]);
+        assert!(!t.mark_later(&ds("p/t.zfsyncbuffer/2F61")));
+        assert!(!t.mark_later(&ds("p/t.zfsyncbuffer/2F61/x")));
+        assert!(!t.hold_later(&ds("p/t/gone")));
+        t.renamed(&ds("p/t.zfsyncbuffer/2F61"), &ds("p/t/a"));
+        t.destroyed(&ds("p/t/gone"));
+        assert_eq!(t.take_pending_marks(), [ds("p/t/a"), ds("p/t/a/x")]);
+        assert!(t.take_pending_holds().is_empty());
+        assert!(t.take_pending_marks().is_empty(), "taken");
+        for i in 1..PENDING_MAX {
+            assert!(!t.mark_later(&ds(&format!("p/t/d{i}"))));
+        }
+        assert!(t.mark_later(&ds("p/t/last")), "the batch is full");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub(crate) fn dataset(name: &str) -> Dataset {
         bookmarks: Vec::new(),
         resume_token: None,
         encrypted: false,
+        written: None,
     }
 }
 

@@ -23,7 +23,8 @@ pub enum SendError {
 /// Whether trying again without anyone changing anything may help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
-    /// The receiver is busy, the connection broke, the run was stopped: a
+    /// The receiver is busy (or dropped changes inside its replica that
+    /// made a stream fail), the connection broke, the run was stopped: a
     /// later try may succeed.
     Temporary,
     /// Diverged copies, encryption, a refusal, a failing `zfs`: reported
@@ -102,6 +103,8 @@ impl DatasetError {
                 Class::Temporary
             }
             DatasetError::Connection(e) if e.is_connection_lost() => Class::Temporary,
+            // The receiver dropped changes made inside its replica, or the
+            // dataset was busy: it goes again, like a busy one.
             DatasetError::Connection(ClientError::TryAgain(_)) => Class::Temporary,
             DatasetError::Connection(_)
             | DatasetError::Refused { .. }
@@ -174,6 +177,12 @@ mod tests {
                 Permanent,
                 false,
                 "the receiver could not store the stream: no space",
+            ),
+            (
+                DatasetError::Connection(ClientError::TryAgain("rolled back".into())),
+                Temporary,
+                false,
+                "the receiver could not store the stream: rolled back",
             ),
             (
                 DatasetError::NeedsFull {

@@ -278,7 +278,7 @@ fn conclude(id: usize, queue: &Queue, mut job: Job, result: Result<Status, Datas
         Err(e) => {
             lost = e.connection_lost();
             if then(&e, job.tries) == Then::Requeue {
-                tracing::info!(worker = id, dataset = %job.dataset.name, "busy on the receiver; trying again later");
+                tracing::info!(worker = id, dataset = %job.dataset.name, "{e}; trying again later");
                 job.tries += 1;
                 // Asked afresh: the plan's answer is out of date.
                 job.plan = None;
@@ -324,6 +324,12 @@ mod tests {
             (busy(), 0, Then::Requeue),
             (busy(), BUSY_TRIES - 2, Then::Requeue),
             (busy(), BUSY_TRIES - 1, Then::Report),
+            // The receiver rolled its replica back: sent again.
+            (
+                DatasetError::Connection(ClientError::TryAgain("rolled back".into())),
+                0,
+                Then::Requeue,
+            ),
             (lost(), 0, Then::Report),
             (DatasetError::ResumeTwice, 0, Then::Report),
             (DatasetError::Cancelled, 0, Then::Report),

@@ -1,9 +1,9 @@
 //! The planner's decisions through a real receiver.
 
-use zfsync_common::naming::{format_replica_mark, REPLICA_PROP};
+use zfsync_common::naming::{REPLICA_MARK, REPLICA_PROP};
 use zfsync_common::plan::FullReason;
 use zfsync_common::protocol::{SyncReply, SyncRequest};
-use zfsync_common::zfs::fake::FakeZfs;
+use zfsync_common::zfs::fake::{FakeError, FakeZfs};
 use zfsync_common::zfs::ZfsBackend;
 use zfsync_send::{SendKind, Status};
 
@@ -41,12 +41,15 @@ async fn a_new_dataset_is_received_in_place_then_incrementally_then_is_up_to_dat
         }
     );
     c.bye().await;
-    assert_called("receiver", &dst, "rollback dst/t@s2");
+    // The replica did not change: no rollback (zfs-fuse has no
+    // `written`; had it changed, zfs would refuse and the receiver roll
+    // back then).
+    assert_no_call("receiver", &dst, "rollback");
     assert!(
         calls_with(&dst, "receive")
             .iter()
             .all(|c| c == "receive -u dst/t"),
-        "an incremental is received after a rollback to its base, never with -F\n{}",
+        "an incremental is received from its base, never with -F\n{}",
         dump("receiver", &dst)
     );
 
@@ -177,25 +180,26 @@ async fn a_dataset_without_snapshots_is_refused_and_nothing_is_created() {
 }
 
 /// The dataset `name` on the receiving host is unmounted (canmount=noauto)
-/// and marked a replica with its own GUID.
+/// and marked a replica (`zfsync:replica=yes`, set on it).
 #[track_caller]
 fn assert_marked(dst: &FakeZfs, name: &str) {
-    let guid = dst.dataset(name).expect("received").guid;
     assert_eq!(
         (dst.prop(name, "canmount"), dst.prop(name, REPLICA_PROP)),
-        (Some("noauto".to_string()), Some(format_replica_mark(guid))),
+        (Some("noauto".to_string()), Some(REPLICA_MARK.to_string())),
         "{name}\n{}",
         dump("receiver", dst)
     );
 }
 
-/// ING6: a full receive uses -u and leaves the replica canmount=noauto with zfsync:replica=<its own GUID>.
+/// ING6: a full receive uses -u and leaves the replica canmount=noauto with zfsync:replica=yes: on zfs-fuse one `zfs set` per property for all new replicas of a connection (canmount first), on OpenZFS in the receive itself (`-o`), with no `zfs set` at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_receive_makes_an_unmounted_replica_marked_with_its_own_guid() {
-    let (src, dst, recv) = hosts(&["", "/a"], &["s1"]).await;
+async fn a_full_receive_makes_an_unmounted_marked_replica_in_one_set_per_property() {
+    let rels = ["", "/a", "/b"];
+    let (src, dst, recv) = hosts(&rels, &["s1"]).await;
     assert_ok(&recv.send(&src, 1, false).await, &src, &dst);
-    for r in ["", "/a"] {
-        assert_marked(&dst, &dst_ds(r));
+    let names: Vec<String> = rels.iter().map(|r| dst_ds(r)).collect();
+    for n in &names {
+        assert_marked(&dst, n);
     }
     assert!(
         calls_with(&dst, "receive")
@@ -204,9 +208,59 @@ async fn a_full_receive_makes_an_unmounted_replica_marked_with_its_own_guid() {
         "{}",
         dump("receiver", &dst)
     );
+    assert_eq!(
+        calls_with(&dst, "set"),
+        [
+            format!("set canmount=noauto {}", names.join(" ")),
+            format!("set {REPLICA_PROP}={REPLICA_MARK} {}", names.join(" ")),
+        ],
+        "{}",
+        dump("receiver", &dst)
+    );
+
+    let (src, dst, recv) = openzfs_hosts(&rels, &["s1"]).await;
+    assert_ok(&recv.send(&src, 1, false).await, &src, &dst);
+    for n in &names {
+        assert_marked(&dst, n);
+    }
+    assert_eq!(calls_with(&dst, "set"), Vec::<String>::new());
+    for c in calls_with(&dst, "receive") {
+        assert!(
+            c.contains(&format!(
+                "-o canmount=noauto -o {REPLICA_PROP}={REPLICA_MARK}"
+            )),
+            "{c}\n{}",
+            dump("receiver", &dst)
+        );
+    }
 }
 
-/// ING4: an incremental whose base is no longer the destination's newest snapshot when its stream starts is refused ("changed meanwhile"); nothing is rolled back or received.
+/// ING6: a set that fails for one dataset of the batch is made again one by one, so the others are marked; the one it failed for is marked at its next Finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batched_set_marks_the_others_one_by_one() {
+    let (src, dst, recv) = hosts(&["", "/a", "/b"], &["s1"]).await;
+    let denied = || FakeError::Other("cannot set property for 'dst/t/a': permission denied".into());
+    // The batch, then /a alone.
+    dst.fail("set", "canmount", 1, denied());
+    dst.fail("set", "dst/t/a", 1, denied());
+    assert_ok(&recv.send(&src, 1, false).await, &src, &dst);
+    assert_marked(&dst, &dst_ds(""));
+    assert_marked(&dst, &dst_ds("/b"));
+    assert_eq!(
+        dst.prop(&dst_ds("/a"), REPLICA_PROP),
+        None,
+        "{}",
+        dump("receiver", &dst)
+    );
+    // The next run's Finish finds /a unmarked and marks it.
+    for r in ["", "/a", "/b"] {
+        src.snapshot(&src_ds(r), "s2");
+    }
+    assert_ok(&recv.send(&src, 1, false).await, &src, &dst);
+    assert_marked(&dst, &dst_ds("/a"));
+}
+
+/// ING4: an incremental whose base is no longer the destination's newest snapshot when its stream starts (the cache does not know yet) is refused by `zfs receive` and reported "changed meanwhile"; nothing is rolled back or received.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incremental_whose_base_moved_meanwhile_is_refused_without_a_rollback() {
     let (src, dst, recv) = hosts(&[""], &["s1", "s2"]).await;
@@ -218,7 +272,10 @@ async fn an_incremental_whose_base_moved_meanwhile_is_refused_without_a_rollback
     let streamed = stream(&mut c, &src, SRC, Some(&all[0]), &all[1]).await;
     let reason = stream_failure(streamed, &src, &dst);
     assert!(reason.contains("changed meanwhile"), "{reason}");
-    assert_untouched(&src, &dst, &before);
+    assert_eq!(copies(&dst, "dst"), before, "{}", both(&src, &dst));
+    for call in ["rollback", "destroy"] {
+        assert_no_call("receiver", &dst, call);
+    }
     // The connection goes on; the dataset is not finished.
     assert_finish_refused(&mut c, "did not receive every snapshot").await;
     c.bye().await;
@@ -246,7 +303,9 @@ async fn receive_with_f_only_fills_a_pool_root_without_snapshots() {
         let want = match count {
             1 => vec![format!("receive -u -F {root}")],
             _ => vec![
-                format!("receive -u -s {top_full}"),
+                format!(
+                    "receive -u -s -o canmount=noauto -o {REPLICA_PROP}={REPLICA_MARK} {top_full}"
+                ),
                 format!("receive -u -s {top_full}"),
                 format!("receive -u -F {root}"),
                 format!("receive -u {root}"),
@@ -292,11 +351,17 @@ async fn a_dataset_without_snapshots_is_replaced_whole_and_marked() {
     assert_ok(&report, &src, &dst);
     assert_sent(&report, "", SendKind::Replaced, "s2");
     assert_replica(&src, &dst);
+    let marks = format!("-o canmount=noauto -o {REPLICA_PROP}={REPLICA_MARK}");
     let top_full = format!("receive -u -s {BUF}/top.full");
     let a = format!("receive -u -s {}", dst_ds("/a"));
     assert_eq!(
         calls_with(&dst, "receive"),
-        [top_full.clone(), top_full, a.clone(), a],
+        [
+            format!("receive -u -s {marks} {BUF}/top.full"),
+            top_full,
+            format!("receive -u -s {marks} {}", dst_ds("/a")),
+            a
+        ],
         "{}",
         dump("receiver", &dst)
     );
@@ -338,4 +403,41 @@ async fn a_stream_that_does_not_end_at_its_announced_snapshot_is_reported_failed
     );
     assert_finish_refused(&mut c, "did not receive every snapshot").await;
     c.bye().await;
+}
+
+/// ING4: a replica changed on the receiver since its newest snapshot is rolled back (never -r) and sent again in the same run: on zfs-fuse after `zfs receive` refused it as modified (a temporary stream failure the sender requeues), on OpenZFS before the receive (`written` > 0). No snapshot is lost; an unchanged replica is never rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_changed_on_the_receiver_is_rolled_back_and_the_run_completes() {
+    for openzfs in [false, true] {
+        let (src, dst, recv) = match openzfs {
+            false => hosts(&["", "/a"], &["s1"]).await,
+            true => openzfs_hosts(&["", "/a"], &["s1"]).await,
+        };
+        assert_ok(&recv.send(&src, 1, false).await, &src, &dst);
+        dst.write(&dst_ds("/a"));
+        for r in ["", "/a"] {
+            src.snapshot(&src_ds(r), "s2");
+        }
+        dst.clear_calls();
+        let report = recv.send(&src, 1, false).await;
+        assert_ok(&report, &src, &dst);
+        assert_replica(&src, &dst);
+        assert_eq!(
+            calls_with(&dst, "rollback"),
+            [format!("rollback {}@s1", dst_ds("/a"))],
+            "{}",
+            dump("receiver", &dst)
+        );
+        // zfs-fuse: refused once, then received; OpenZFS: received once.
+        let into_a = calls_with(&dst, "receive")
+            .iter()
+            .filter(|c| c.ends_with(&dst_ds("/a")))
+            .count();
+        assert_eq!(
+            into_a,
+            if openzfs { 1 } else { 2 },
+            "{}",
+            dump("receiver", &dst)
+        );
+    }
 }

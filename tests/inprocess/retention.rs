@@ -103,7 +103,7 @@ async fn mirrored_retention_skips_a_snapshot_it_cannot_destroy() {
     }
 }
 
-/// FI2: where zfs has hold and holds, Finish holds the newest snapshot (zfsync_recv) and releases the older one before mirrored retention, which can then destroy it; a tree is destroyed only after its holds are released.
+/// FI2, FI3: where zfs has hold and holds, the receiver's hold moves to the newest snapshot in one batch when the connection ends (one `zfs hold`, then one `zfs release` of the older); mirrored retention leaves a snapshot the receiver still holds for the next run; a tree is destroyed only after its holds are released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_receivers_hold_moves_to_the_newest_snapshot_before_mirrored_retention() {
     let src = source(&[""], &[T1, T2]);
@@ -111,13 +111,15 @@ async fn the_receivers_hold_moves_to_the_newest_snapshot_before_mirrored_retenti
     let recv = Receiver::start(&dst).await;
     let mut c = recv.client().await;
     sync_finished(&mut c, &src, &dst, "", false).await;
+    c.bye().await;
     let held = |snap: &str| dst.holds(&format!("{DST}@{snap}"));
-    assert_eq!(
-        (held(T1), held(T2)),
-        (vec![], vec![RECV_HOLD.to_string()]),
-        "{}",
-        dump("receiver", &dst)
-    );
+    let mine = || vec![RECV_HOLD.to_string()];
+    wait_until(
+        "@T2 held",
+        || (held(T1), held(T2)) == (vec![], mine()),
+        &dst,
+    )
+    .await;
 
     // The sender dropped @T2 but kept a bookmark of it, the base of the
     // next incremental.
@@ -128,6 +130,7 @@ async fn the_receivers_hold_moves_to_the_newest_snapshot_before_mirrored_retenti
         name: SnapName::new("b2").expect("name"),
         ..t2.clone()
     };
+    let mut c = recv.client().await;
     let req =
         SyncRequest::new(&rel(""), &[t1.clone(), t4.clone()]).bookmarks(std::slice::from_ref(&b2));
     assert_eq!(
@@ -142,24 +145,48 @@ async fn the_receivers_hold_moves_to_the_newest_snapshot_before_mirrored_retenti
         .await
         .expect("@T2..@T4");
     let done = c.finish().await.expect("finish");
-    assert_eq!(done.pruned, [T2], "{}", dump("receiver", &dst));
+    // Still held by the receiver itself: it goes at the next Finish.
     assert_eq!(
-        snap_names(&dst, DST),
-        [T1, T4],
+        done.pruned,
+        Vec::<String>::new(),
         "{}",
         dump("receiver", &dst)
     );
-    assert_eq!(held(T4), [RECV_HOLD], "{}", dump("receiver", &dst));
+    c.bye().await;
+    wait_until(
+        "@T4 held, @T2 released",
+        || (held(T2), held(T4)) == (vec![], mine()),
+        &dst,
+    )
+    .await;
     assert_in_order(
         "receiver",
         &dst,
         &[
             format!("hold {RECV_HOLD} {DST}@{T4}"),
             format!("release {RECV_HOLD} {DST}@{T2}"),
-            format!("destroy {DST}@{T2}"),
         ],
     );
+    assert_no_call("receiver", &dst, "destroy");
 
+    let t5 = src.snapshot(SRC, "260101-000400_S");
+    let mut c = recv.client().await;
+    let req = SyncRequest::new(&rel(""), &[t1.clone(), t4.clone(), t5.clone()]);
+    assert!(matches!(
+        c.sync(&req).await.unwrap(),
+        SyncReply::Incremental { .. }
+    ));
+    stream(&mut c, &src, SRC, Some(t4), &t5)
+        .await
+        .expect("@T4..@T5");
+    let done = c.finish().await.expect("finish");
+    assert_eq!(done.pruned, [T2], "{}", dump("receiver", &dst));
+    assert_eq!(
+        snap_names(&dst, DST),
+        [T1, T4, "260101-000400_S"],
+        "{}",
+        dump("receiver", &dst)
+    );
     c.bye().await;
 
     // A --full replacement (a new run, which lists the diverged replica)
@@ -174,11 +201,30 @@ async fn the_receivers_hold_moves_to_the_newest_snapshot_before_mirrored_retenti
         "receiver",
         &dst,
         &[
-            format!("release {RECV_HOLD} {parked}@{T4}"),
+            format!("release {RECV_HOLD} {parked}@260101-000400_S"),
             format!("destroy -r {parked}"),
         ],
     );
     assert!(dst.dataset(&parked).is_none(), "{}", dump("receiver", &dst));
     assert_replica(&src, &dst);
-    assert_eq!(held(T4), [RECV_HOLD], "{}", dump("receiver", &dst));
+    wait_until(
+        "the new copy's newest held",
+        || held(&src.snapshots(SRC).last().unwrap().name.to_string()) == mine(),
+        &dst,
+    )
+    .await;
+}
+
+/// Waits (at most [`PATIENCE`]) until `cond` holds: what a receiver does
+/// when a connection ends happens after the client's Bye.
+async fn wait_until(what: &str, cond: impl Fn() -> bool, dst: &FakeZfs) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{what}\n{}",
+            dump("receiver", dst)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }

@@ -225,16 +225,35 @@ pub fn parse_bookmark(name: &str) -> Option<(&str, &str)> {
 }
 
 /// The user property that marks a dataset zfsync created on the receiver.
-/// Its value is the dataset's own GUID: a child someone else made under a
-/// replica inherits the property, but not the GUID.
+/// Only a value set on the dataset itself (source `local`) counts: a child
+/// someone else made under a replica inherits the property, but not as
+/// its own (the listing reads user properties only where they are local,
+/// `zfs::parse_get`).
 pub const REPLICA_PROP: &str = "zfsync:replica";
 
-pub fn format_replica_mark(guid: u64) -> String {
-    guid.to_string()
+/// The value zfsync writes into [`REPLICA_PROP`]: a constant, so that the
+/// mark can travel in the first `zfs receive -o` of a new replica and be
+/// set on many datasets with one `zfs set`.
+pub const REPLICA_MARK: &str = "yes";
+
+/// A mark zfsync wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaMark {
+    /// [`REPLICA_MARK`].
+    Current,
+    /// The dataset's own GUID, as zfsync wrote it before (still accepted).
+    Guid(u64),
 }
 
-pub fn parse_replica_mark(value: &str) -> Option<u64> {
-    value.parse().ok()
+pub fn format_replica_mark() -> String {
+    REPLICA_MARK.to_string()
+}
+
+pub fn parse_replica_mark(value: &str) -> Option<ReplicaMark> {
+    if value == REPLICA_MARK {
+        return Some(ReplicaMark::Current);
+    }
+    value.parse().ok().map(ReplicaMark::Guid)
 }
 
 /// The registry of receivers a source tree was sent to (on the sender).
@@ -373,10 +392,20 @@ mod tests {
 
     #[test]
     fn replica_marks_round_trip() {
+        assert_eq!(
+            parse_replica_mark(&format_replica_mark()),
+            Some(ReplicaMark::Current)
+        );
+        // Marks written before the constant: the dataset's own GUID.
         for g in [0, 1, u64::MAX] {
-            assert_eq!(parse_replica_mark(&format_replica_mark(g)), Some(g));
+            assert_eq!(
+                parse_replica_mark(&g.to_string()),
+                Some(ReplicaMark::Guid(g))
+            );
         }
-        assert_eq!(parse_replica_mark("-"), None);
+        for bad in ["-", "", "no", "Yes", "-1"] {
+            assert_eq!(parse_replica_mark(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -179,9 +179,11 @@ pub enum Message {
     },
     StreamFailed {
         reason: String,
-        /// Worth sending again (the replica changed and was rolled back,
-        /// the dataset was busy), as opposed to a conflict.
-        #[serde(default)]
+        /// Worth sending again in the same run (the receiver dropped
+        /// changes made inside its replica, which made `zfs receive`
+        /// refuse; the dataset was busy), as opposed to a failure a person
+        /// must look at. Sent only when true.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         temporary: bool,
     },
     Finish,

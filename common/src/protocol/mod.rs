@@ -259,6 +259,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 mod tests {
     use super::*;
 
+    /// `temporary` travels only when true: a peer that does not know the
+    /// field still reads every other stream failure.
+    #[test]
+    fn a_stream_failure_carries_temporary_only_when_it_is() {
+        let plain = Message::StreamFailed {
+            reason: "x".into(),
+            temporary: false,
+        };
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("temporary"), "{json}");
+        assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), plain);
+        let again = Message::StreamFailed {
+            reason: "x".into(),
+            temporary: true,
+        };
+        let json = serde_json::to_string(&again).unwrap();
+        assert!(json.contains("\"temporary\":true"), "{json}");
+        assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), again);
+    }
+
     fn all_messages() -> Vec<Message> {
         vec![
             Message::Hello {
@@ -326,6 +346,10 @@ mod tests {
             Message::StreamFailed {
                 reason: "x".into(),
                 temporary: true,
+            },
+            Message::StreamFailed {
+                reason: "x".into(),
+                temporary: false,
             },
             Message::Plan {
                 datasets: vec![SyncRequest {

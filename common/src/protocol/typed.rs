@@ -615,6 +615,10 @@ mod tests {
             Stored::Received { bytes: 3 },
             Stored::Failed {
                 reason: "x".into(),
+                temporary: false,
+            },
+            Stored::Failed {
+                reason: "x".into(),
                 temporary: true,
             },
         ] {

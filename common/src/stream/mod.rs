@@ -58,6 +58,8 @@ const FEATURE_RESUMING: u64 = 1 << 20;
 const FEATURE_COMPRESSED: u64 = 1 << 22;
 /// `DMU_BACKUP_FEATURE_RAW`.
 const FEATURE_RAW: u64 = 1 << 24;
+/// `dmu_objset_type_t` in a BEGIN's `drr_type`: a volume.
+const DMU_OST_ZVOL: u32 = 3;
 /// `DRR_FLAG_CLONE` in a BEGIN's `drr_flags`: the stream's base is a
 /// snapshot of another dataset (the origin of a clone).
 const DRR_FLAG_CLONE: u32 = 1;
@@ -74,6 +76,14 @@ pub struct Head {
     pub compound: bool,
     /// The substream's feature flags (`DMU_BACKUP_FEATURE_*`).
     pub features: u64,
+    /// The stream is of a volume (`drr_type` `DMU_OST_ZVOL`), not a file
+    /// system: a new replica of it has no `canmount`.
+    pub volume: bool,
+}
+
+/// A raw stream (`zfs send -w`: an encrypted dataset), by its feature flags.
+pub fn is_raw(features: u64) -> bool {
+    features & FEATURE_RAW != 0
 }
 
 /// Names of the stream feature flags, as OpenZFS defines them
@@ -151,6 +161,8 @@ struct Begin {
     hdrtype: u64,
     features: u64,
     flags: u32,
+    /// `drr_type`: the objset type.
+    objset: u32,
     to_guid: u64,
     from_guid: u64,
 }
@@ -163,6 +175,7 @@ impl Begin {
             payload: order.u32(rec, 4),
             hdrtype: versioninfo & 0x3,
             features: (versioninfo >> 2) & 0x3fff_ffff,
+            objset: order.u32(rec, 32),
             flags: order.u32(rec, 36),
             to_guid: order.u64(rec, 40),
             from_guid: order.u64(rec, 48),
@@ -248,6 +261,7 @@ pub fn check_head(
         first_to_guid: sub.to_guid,
         compound,
         features: sub.features,
+        volume: sub.objset == DMU_OST_ZVOL,
     }))
 }
 

@@ -47,6 +47,7 @@ fn real_zfs_fuse_full_stream() {
             first_to_guid: REAL_GUID,
             compound: false,
             features: 0,
+            volume: false,
         })
     );
     assert!(check_head(&head, 0, &[1]).is_err(), "unannounced snapshot");

@@ -268,6 +268,25 @@ impl<'a> Validator<'a> {
         self.state == State::Done && self.refused.is_none()
     }
 
+    /// How many substreams (snapshots) began so far. Each creates an
+    /// announced snapshot newer (by the sender's createtxg) than the one
+    /// before and not newer than the announced last: once
+    /// [`Validator::is_complete`], when the count equals the number of
+    /// announced snapshots in that range, those are exactly what a receive
+    /// of the stream creates.
+    pub fn substreams(&self) -> u64 {
+        self.substreams
+    }
+
+    /// The GUID of the last substream's snapshot (0 before the first).
+    pub fn last_created(&self) -> u64 {
+        if self.substreams == 0 {
+            0
+        } else {
+            self.prev_guid
+        }
+    }
+
     /// Bytes taken so far.
     pub fn offset(&self) -> u64 {
         self.at
@@ -450,6 +469,7 @@ impl<'a> Validator<'a> {
                 first_to_guid: b.to_guid,
                 compound: self.compound,
                 features: b.features,
+                volume: b.objset == DMU_OST_ZVOL,
             });
         }
         self.substreams += 1;

@@ -22,6 +22,8 @@ pub struct ListExtras {
     pub encryption: bool,
     /// `userrefs` (which snapshots are held), where `zfs holds` exists.
     pub userrefs: bool,
+    /// `written` (changed since the newest snapshot?), where zfs has it.
+    pub written: bool,
 }
 
 impl ListExtras {
@@ -31,6 +33,7 @@ impl ListExtras {
             resume_token: caps.has(Cap::RecvResumable),
             encryption: caps.has(Cap::SendRaw),
             userrefs: caps.has(Cap::HoldsList),
+            written: caps.has(Cap::Written),
         }
     }
 }
@@ -60,6 +63,9 @@ pub fn list_argv(
     }
     if extras.userrefs && !user_props.contains(&"userrefs") {
         props.push_str(",userrefs");
+    }
+    if extras.written {
+        props.push_str(",written");
     }
     for p in user_props {
         props.push(',');
@@ -378,6 +384,7 @@ mod tests {
             resume_token: true,
             encryption: true,
             userrefs: true,
+            written: true,
         };
         let none = ListExtras::default();
         let recv_all = RecvSpec {
@@ -393,7 +400,7 @@ mod tests {
                 "get", "-H", "-p", "-r",
                 "-t", "filesystem,volume,snapshot,bookmark",
                 "-o", "name,property,value,source",
-                "guid,createtxg,type,receive_resume_token,encryption,userrefs",
+                "guid,createtxg,type,receive_resume_token,encryption,userrefs,written",
                 "p",
             ],
             // Asked for by the caller already: not twice.
@@ -401,7 +408,7 @@ mod tests {
                 "get", "-H", "-p", "-r",
                 "-t", "filesystem,volume,snapshot,bookmark",
                 "-o", "name,property,value,source",
-                "guid,createtxg,type,receive_resume_token,encryption,userrefs",
+                "guid,createtxg,type,receive_resume_token,encryption,written,userrefs",
                 "p",
             ],
             list_argv(&[&ds("p"), &ds("q")], None, &[], none) => [
@@ -424,6 +431,16 @@ mod tests {
             ) => ["send", "-L", "-e", "-c", "-i", "p/a#s1", "p/a@s2"],
             send_argv(&resume, &["-w"]) => ["send", "-w", "-t", "1-abc"],
             receive_argv(&ds("q/a"), &RecvSpec::default()) => ["receive", "-u", "q/a"],
+            // A new filesystem's marks in the receive itself (OpenZFS).
+            receive_argv(&ds("q/a"), &RecvSpec {
+                options: vec![
+                    RecvOption::Set("canmount".into(), "noauto".into()),
+                    RecvOption::Set("zfsync:replica".into(), "yes".into()),
+                ],
+                ..RecvSpec::default()
+            }) => [
+                "receive", "-u", "-o", "canmount=noauto", "-o", "zfsync:replica=yes", "q/a",
+            ],
             receive_argv(&ds("q/a"), &recv_all) => [
                 "receive", "-u", "-s", "-F",
                 "-o", "readonly=on", "-x", "mountpoint",

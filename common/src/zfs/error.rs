@@ -38,6 +38,12 @@ pub enum ZfsError {
     /// (zfs-fuse receiving an OpenZFS ZPL 5 stream, for example).
     #[error("`{argv}` failed: {stderr}")]
     UnsupportedStreamFeature { argv: String, stderr: String },
+    /// `cannot receive incremental stream: destination p/x has been
+    /// modified since most recent snapshot` (zfs-fuse breaks the line
+    /// before "since"): the destination was written to after its newest
+    /// snapshot, and zfs refuses an incremental without `-F`.
+    #[error("`{argv}` failed: {stderr}")]
+    Modified { argv: String, stderr: String },
     #[error("`{argv}` failed ({status}): {stderr}")]
     Failed {
         argv: String,
@@ -72,6 +78,7 @@ impl ZfsError {
             | ZfsError::SnapshotExists { stderr, .. }
             | ZfsError::ResumeTokenStale { stderr, .. }
             | ZfsError::UnsupportedStreamFeature { stderr, .. }
+            | ZfsError::Modified { stderr, .. }
             | ZfsError::Failed { stderr, .. } => Some(stderr),
             _ => None,
         }
@@ -92,6 +99,15 @@ impl ZfsError {
         }
         if stderr.contains("unsupported feature") {
             return ZfsError::UnsupportedStreamFeature { argv, stderr };
+        }
+        // Both wordings, whatever the line breaks (zfs-fuse breaks the line
+        // before "since", OpenZFS does not).
+        let words: Vec<&str> = stderr.split_whitespace().collect();
+        if words
+            .join(" ")
+            .contains("has been modified since most recent snapshot")
+        {
+            return ZfsError::Modified { argv, stderr };
         }
         // OpenZFS prints "cannot resume send: " before every failure of
         // `send -t`, also an I/O error while estimating (`estimate_size`):
@@ -235,6 +251,20 @@ mod tests {
     const OPENZFS_RESUME_CORRUPT: &str =
         "cannot resume send: resume token is corrupt (incorrect checksum)\n";
 
+    // Modified
+    /// `zfs receive -u callsx7292/b` of `zfs send -i a@s1 a@s2` after `b`
+    /// was mounted and a file written into it (zfs-fuse 0.7.0, pool
+    /// `callsx7292`): zfs-fuse's format breaks the line, "destination %s
+    /// has been modified\nsince most recent snapshot".
+    const FUSE_RECV_MODIFIED: &str = concat!(
+        "cannot receive incremental stream: destination callsx7292/b has been modified\n",
+        "since most recent snapshot\n",
+    );
+    /// OpenZFS zfs_receive_one (lib/libzfs/libzfs_sendrecv.c), errbuf
+    /// "cannot receive incremental stream", aux for ETXTBSY "destination %s
+    /// has been modified since most recent snapshot".
+    const OPENZFS_RECV_MODIFIED: &str = "cannot receive incremental stream: destination tank/b has been modified since most recent snapshot\n";
+
     // Failed
     /// `zfs receive -u errcap18397a/c` of `zfs send -i a@s3 a@s4` where c
     /// has only s2 (zfs-fuse's format has the newline: "most recent
@@ -283,6 +313,7 @@ mod tests {
         SnapshotExists,
         ResumeTokenStale,
         UnsupportedStreamFeature,
+        Modified,
         Failed,
     }
 
@@ -293,6 +324,7 @@ mod tests {
             ZfsError::SnapshotExists { .. } => Kind::SnapshotExists,
             ZfsError::ResumeTokenStale { .. } => Kind::ResumeTokenStale,
             ZfsError::UnsupportedStreamFeature { .. } => Kind::UnsupportedStreamFeature,
+            ZfsError::Modified { .. } => Kind::Modified,
             ZfsError::Failed { .. } => Kind::Failed,
             other => panic!("from_failure returned {other:?}"),
         }
@@ -318,6 +350,8 @@ mod tests {
             ("zfs send -t", OPENZFS_RESUME_SNAP_REPLACED, ResumeTokenStale),
             ("zfs send -t", OPENZFS_RESUME_FROM_GONE, ResumeTokenStale),
             ("zfs send -t", OPENZFS_RESUME_CORRUPT, ResumeTokenStale),
+            ("zfs receive", FUSE_RECV_MODIFIED, Modified),
+            ("zfs receive", OPENZFS_RECV_MODIFIED, Modified),
             ("zfs receive", FUSE_RECV_NOT_MOST_RECENT, Failed),
             ("zfs receive", FUSE_RECV_TRUNCATED, Failed),
             ("zfs receive", FUSE_RECV_NO_PARENT, Failed),

@@ -16,6 +16,7 @@ struct Props {
     held: bool,
     resume_token: Option<String>,
     encrypted: bool,
+    written: Option<u64>,
 }
 
 /// Parses `zfs get -H -p -o name,property,value guid,createtxg,type` output.
@@ -50,6 +51,8 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
                 }
             }
             "encryption" => p.encrypted = !matches!(value, "off" | "-" | ""),
+            // Bytes written since the newest snapshot (OpenZFS).
+            "written" => p.written = value.parse().ok(),
             // A user property; "-" means not set. Only a value set on the
             // dataset itself counts: user properties are inherited, and a
             // child must not take its parent's confirmation for its own.
@@ -107,6 +110,7 @@ pub fn parse_get(output: &str) -> Result<Tree, ZfsError> {
                         bookmarks: Vec::new(),
                         resume_token: p.resume_token.clone(),
                         encrypted: p.encrypted,
+                        written: p.written,
                     },
                 );
             }
@@ -319,10 +323,14 @@ p/b\tencryption\toff\tdefault
 p/a\tcreatetxg\t1\t-
 p/a\ttype\tfilesystem\t-
 p/a\tzfsync:synced_h\ts1\tlocal
+p/a\tzfsync:replica\tyes\tlocal
+p/a\twritten\t0\t-
 p/a/b\tguid\t2\t-
 p/a/b\tcreatetxg\t2\t-
 p/a/b\ttype\tfilesystem\t-
 p/a/b\tzfsync:synced_h\ts1\tinherited from p/a
+p/a/b\tzfsync:replica\tyes\tinherited from p/a
+p/a/b\twritten\t8192\t-
 p/a/b@s1\tguid\t3\t-
 p/a/b@s1\tcreatetxg\t3\t-
 p/a/b@s1\ttype\tsnapshot\t-
@@ -330,7 +338,13 @@ p/a/b@s1\tuserrefs\t1\t-
 ";
         let t = parse_get(out).unwrap();
         assert_eq!(t.datasets[&ds("p/a")].props["zfsync:synced_h"], "s1");
+        // The replica mark too: a child made under a replica inherits it,
+        // and is not taken for one.
+        assert_eq!(t.datasets[&ds("p/a")].props["zfsync:replica"], "yes");
         assert!(t.datasets[&ds("p/a/b")].props.is_empty());
+        // `written` (OpenZFS): changed since the newest snapshot or not.
+        assert_eq!(t.datasets[&ds("p/a")].written, Some(0));
+        assert_eq!(t.datasets[&ds("p/a/b")].written, Some(8192));
         assert!(t.datasets[&ds("p/a/b")].held.contains("s1"));
     }
 

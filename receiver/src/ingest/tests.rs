@@ -344,7 +344,7 @@ async fn bytes_before_the_head_are_bounded() {
         })
     };
     let caps = Caps::default();
-    let mut feed = Feed::new(&t, "test", &caps, &o.dest, &plan, validator());
+    let mut feed = Feed::new(&t, "test", &caps, &o, &plan, validator());
     // One byte a frame, all but the last of the head: still undecided.
     for b in &head[..HEAD_MAX - 1] {
         feed.data(Bytes::copy_from_slice(&[*b])).await.unwrap();
@@ -366,4 +366,61 @@ async fn bytes_before_the_head_are_bounded() {
     assert!(matches!(bad.refused, Some(IngestError::Refused(_))));
     assert_eq!(bad.early.capacity(), 0);
     assert_eq!(bad.total, 2 * HEAD_MAX as u64);
+}
+
+/// ING4: an incremental rolls back first only where zfs has `written` and
+/// it is not 0 (or unknown); without it (zfs-fuse) never up front.
+#[test]
+fn a_rollback_only_when_written_says_so() {
+    use zfsync_common::caps::Cap;
+    let openzfs = Caps::new("zfs-2", [Cap::Written]);
+    let fuse = Caps::new("zfs-fuse", [Cap::RecvUnmounted]);
+    for (caps, written, want) in [
+        (&openzfs, Some(0), false),
+        (&openzfs, Some(512), true),
+        (&openzfs, None, true),
+        (&fuse, None, false),
+        (&fuse, Some(512), false),
+    ] {
+        assert_eq!(
+            super::needs_rollback(caps, written),
+            want,
+            "{caps} {written:?}"
+        );
+    }
+}
+
+/// ING6: a new replica's marks in its first receive, where zfs has
+/// `receive -o`: canmount only for a file system; none for a resumed or
+/// incremental receive, nor what the admin's options name.
+#[test]
+fn marks_travel_in_the_first_receive_where_zfs_can() {
+    use zfsync_common::caps::Cap;
+    use zfsync_common::zfs::RecvOption;
+    let args = |v: Vec<RecvOption>| -> Vec<String> { v.iter().flat_map(|o| o.args()).collect() };
+    let o = Caps::new("zfs-2", [Cap::RecvSetProp]);
+    let fuse = Caps::new("zfs-fuse", [Cap::RecvUnmounted]);
+    let admin = [RecvOption::parse("-o canmount=off").unwrap()];
+    /// caps, a new dataset, a volume, the admin's options => the options.
+    type Row<'a> = (&'a Caps, bool, bool, &'a [RecvOption], &'a [&'a str]);
+    let table: Vec<Row> = vec![
+        (
+            &o,
+            true,
+            false,
+            &[],
+            &["-o", "canmount=noauto", "-o", "zfsync:replica=yes"],
+        ),
+        (&o, true, true, &[], &["-o", "zfsync:replica=yes"]),
+        (&o, true, false, &admin, &["-o", "zfsync:replica=yes"]),
+        (&o, false, false, &[], &[]),
+        (&fuse, true, false, &[], &[]),
+    ];
+    for (caps, new, volume, admin, want) in table {
+        assert_eq!(
+            args(super::marks_in_receive(caps, new, volume, admin)),
+            want,
+            "{caps} new={new} volume={volume}"
+        );
+    }
 }

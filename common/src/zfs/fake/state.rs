@@ -30,7 +30,10 @@ pub(super) struct Ds {
     /// Oldest first.
     pub(super) snaps: Vec<Snap>,
     pub(super) bookmarks: Vec<Snapshot>,
-    /// Local properties, native and user.
+    /// Local properties, native and user. Nothing is inherited here: a
+    /// listing shows user properties only where they are set locally, as
+    /// `zfs::parse_get` reads a real listing (source `local`), so a child
+    /// made under a marked replica shows no mark.
     pub(super) props: BTreeMap<String, String>,
     /// Written since the newest snapshot.
     pub(super) modified: bool,
@@ -221,6 +224,12 @@ impl State {
             resume_token: (d.resume_token.clone())
                 .filter(|_| all || self.caps.has(Cap::RecvResumable)),
             encrypted: false,
+            // Where zfs has the property (OpenZFS): some bytes once written.
+            written: (all || self.caps.has(Cap::Written)).then_some(if d.modified {
+                4096
+            } else {
+                0
+            }),
         }
     }
 

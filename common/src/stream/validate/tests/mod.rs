@@ -228,7 +228,8 @@ fn the_head_is_known_after_the_first_substreams_begin() {
             from_guid: 10,
             first_to_guid: 11,
             compound: true,
-            features: 0
+            features: 0,
+            volume: false,
         })
     );
     assert!(!v.is_complete());
@@ -236,6 +237,36 @@ fn the_head_is_known_after_the_first_substreams_begin() {
     let mut v = Validator::new(expect(&s, None, 11));
     v.feed(&full[..RECORD]).unwrap();
     assert_eq!(v.head().map(|h| h.first_to_guid), Some(11));
+    // A volume's stream (drr_type DMU_OST_ZVOL): no canmount for it.
+    let mut vol = plain(false, 0, 11).bytes();
+    vol[32..36].copy_from_slice(&3u32.to_le_bytes());
+    let mut v = Validator::new(expect(&s, None, 11));
+    v.feed(&vol).unwrap();
+    assert_eq!(v.head().map(|h| h.volume), Some(true));
+}
+
+/// What the receiver's cache learns from a whole stream: how many
+/// snapshots it creates, and the last.
+#[test]
+fn the_validator_says_which_snapshots_the_stream_creates() {
+    let s = snaps();
+    let pkg = package(false, 10, 13).bytes();
+    let mut v = Validator::new(expect(&s, Some(10), 13));
+    v.feed(&pkg).unwrap();
+    assert!(v.is_complete());
+    assert_eq!((v.substreams(), v.last_created()), (3, 13));
+    let one = plain(true, 0, 11).bytes();
+    let mut v = Validator::new(expect(&s, None, 11));
+    assert_eq!((v.substreams(), v.last_created()), (0, 0));
+    v.feed(&one).unwrap();
+    assert!(v.is_complete());
+    assert_eq!((v.substreams(), v.last_created()), (1, 11));
+    // `-i s0 s3`: one substream where three snapshots lie in between.
+    let skip = plain(false, 10, 13).bytes();
+    let mut v = Validator::new(expect(&s, Some(10), 13));
+    v.feed(&skip).unwrap();
+    assert_eq!((v.substreams(), v.last_created()), (1, 13));
+    assert_eq!(v.head().map(|h| h.volume), Some(false));
 }
 
 /// A stream that ends before the announced snapshot holds only the
