@@ -114,9 +114,12 @@ impl Bucket {
     }
 
     fn burst_of(rate: Rate) -> f64 {
-        // Two full frames, or 50 ms at the rate: enough to ride out a
-        // sleep that wakes late, small enough to keep the rate.
-        (2.0 * DATA_CHUNK as f64).max(rate.0 as f64 / 20.0)
+        // Two frames (as [`Bucket::chunk`] sizes them at this rate), or
+        // 50 ms at the rate: enough to ride out a sleep that wakes late,
+        // small enough to keep the rate (a slow link is not sent minutes'
+        // worth at once).
+        let chunk = ((rate.0 / 4) as usize).clamp(MIN_CHUNK, DATA_CHUNK);
+        (2.0 * chunk as f64).max(rate.0 as f64 / 20.0)
     }
 
     pub fn rate(&self) -> Rate {

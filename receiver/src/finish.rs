@@ -101,7 +101,7 @@ pub(crate) async fn finish(
 /// with no `zfs` call when the mark is there; else they join the batch
 /// ([`flush`]). A pool's root is never marked (zfsync fills it, but did
 /// not create it).
-async fn ensure_marks(target: &Target, ds: &DatasetName) {
+pub(crate) async fn ensure_marks(target: &Target, ds: &DatasetName) {
     if ds.is_pool_root() {
         return;
     }

@@ -261,6 +261,14 @@ pub(crate) fn marks_in_receive(
             RecvOption::Set(k, _) | RecvOption::Exclude(k) => k == p,
         })
     };
+    // `-x canmount` and `-o canmount=noauto` cannot go together: both
+    // marks are set after the receive then, in the batch (FI3).
+    if admin
+        .iter()
+        .any(|o| matches!(o, RecvOption::Exclude(k) if k == "canmount"))
+    {
+        return Vec::new();
+    }
     let mut v = Vec::new();
     if !volume && !named("canmount") {
         v.push(RecvOption::Set("canmount".into(), "noauto".into()));

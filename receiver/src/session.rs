@@ -42,7 +42,7 @@ use crate::inflate::Inflate;
 use crate::ingest::{self, Frames, IngestError};
 use crate::meter::{Dropped, Metered};
 use crate::open::Open;
-use crate::state::{Reservation, Target};
+use crate::state::{Location, Reservation, Target};
 use crate::sync::Valid;
 use crate::{buffer, finish, replace, sync};
 
@@ -284,7 +284,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             let reply: Message = match request {
                 Request::Plan(items) => self.on_plan(items).await.into(),
                 Request::Put(req, stream) => self.on_put(req, stream, admitted.take()).await?,
-                Request::More(stream) => self.on_eager(stream).await?,
+                Request::More(stream) => self.on_eager(stream, false).await?,
                 Request::Sync(req) => self.on_sync(req, admitted.take()).await.into(),
                 Request::ResumeFailed { reason } => self.on_resume_failed(reason).await?.into(),
                 Request::Stream(stream) => self.on_stream(stream).await?,
@@ -314,20 +314,38 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
         let mut answers = Vec::with_capacity(items.len());
         for mut item in items {
+            let real = !item.dry_run;
             item.dry_run = true;
-            let answer = match sync::validate(self.target, &self.peer, item) {
-                Err(e) => refused(e),
-                Ok(valid) => {
-                    match sync::sync(self.target, &self.peer, &self.peer_caps, valid, false).await {
-                        Ok(synced) => synced.reply,
-                        Err(e @ sync::SyncError::CannotResume(_)) => SyncReply::Refused {
-                            reason: e.to_string(),
-                            temporary: true,
-                        },
-                        Err(e) => refused(e),
-                    }
+            let valid = match sync::validate(self.target, &self.peer, item) {
+                Ok(v) => v,
+                Err(e) => {
+                    answers.push(refused(e));
+                    continue;
                 }
             };
+            // Another connection works on it: the sender asks again alone
+            // (rather than send a stream that would be refused as busy).
+            if self.target.is_busy(&valid.rel) {
+                answers.push(refused(sync::SyncError::Busy(valid.rel)));
+                continue;
+            }
+            let rel = valid.rel.clone();
+            let answer =
+                match sync::sync(self.target, &self.peer, &self.peer_caps, valid, false).await {
+                    Ok(synced) => synced.reply,
+                    Err(e @ sync::SyncError::CannotResume(_)) => SyncReply::Refused {
+                        reason: e.to_string(),
+                        temporary: true,
+                    },
+                    Err(e) => refused(e),
+                };
+            // An up-to-date replica whose marks a crash left unset gets
+            // them with this connection's batch (FI3): no Finish comes.
+            if let (SyncReply::UpToDate { .. }, true) = (&answer, real) {
+                if let Ok(Location::InPlace(d) | Location::Buffered(d)) = self.target.locate(&rel) {
+                    finish::ensure_marks(self.target, &d.name).await;
+                }
+            }
             answers.push(answer);
         }
         tracing::debug!(peer = %self.peer, datasets = answers.len(), "answered a plan");
@@ -351,7 +369,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             | SyncReply::Full { accepted: true, .. }
                 if self.open.is_some() =>
             {
-                return self.on_eager(stream).await;
+                return self.on_eager(stream, true).await;
             }
             SyncReply::UpToDate { snapshot } => (
                 format!("the receiver is already at @{snapshot} (another sender?)"),
@@ -385,7 +403,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// once (`Put`, `More`): a refused announcement is read past and
     /// answered at its `End`; the last stream (`finish`) also finishes the
     /// dataset. `Err` only when the connection is unusable.
-    async fn on_eager(&mut self, eager: EagerStream) -> Result<Message, ProtocolError> {
+    ///
+    /// `put`: the stream came with its `Put`, announced from the tree
+    /// plan's answer; a refused announcement is then worth asking about
+    /// again (the dataset changed since the plan), so it is temporary.
+    async fn on_eager(&mut self, eager: EagerStream, put: bool) -> Result<Message, ProtocolError> {
         self.resume_offer = None;
         let stream = StreamRequest {
             from_guid: eager.from_guid,
@@ -405,7 +427,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 ingest::drain(&mut self.link).await?;
                 return Ok(Stored::Failed {
                     reason: e.to_string(),
-                    temporary: false,
+                    temporary: put,
                 }
                 .into());
             }

@@ -19,7 +19,7 @@
 //! with a real txg or the sender's. A dataset a full receive made gets
 //! GUID 0 (unknown): nothing reads a receiver dataset's own GUID.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,18 @@ use zfsync_common::naming::{
 };
 pub use zfsync_common::naming::{RECV_HOLD, REPLICA_PROP};
 use zfsync_common::zfs::{Backend, Dataset, RecvOption, Snapshot, ZfsError};
+
+/// What the receiver changed in its cache while listings were under way.
+#[derive(Debug, Default)]
+struct Touched {
+    /// Listings under way.
+    active: usize,
+    /// Bumped by each listing as it starts.
+    generation: u64,
+    /// Each changed dataset, with the newest generation under way when
+    /// it changed.
+    names: HashMap<DatasetName, u64>,
+}
 
 /// Where a relative path currently lives on the receiver.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +76,11 @@ pub struct Target {
     /// property for all (see `finish::flush`). Shared by all connections
     /// (any of them flushes); a std mutex, never held across `.await`.
     pending_marks: Mutex<BTreeSet<DatasetName>>,
+    /// Datasets the receiver changed in the cache while a listing was
+    /// under way: their cached entry (or absence) is newer than what the
+    /// listing saw, and is kept over it (see [`Target::relist`]). Locked
+    /// after the cache, never before.
+    touched: Mutex<Touched>,
     /// Datasets whose receiver hold is to move to their newest snapshot,
     /// in one `zfs hold` and one `zfs release` for all. As above.
     pending_holds: Mutex<BTreeSet<DatasetName>>,
@@ -282,6 +299,7 @@ impl Target {
             listings: tokio::sync::Mutex::new(Listings::default()),
             budget: MemoryBudget::new(DEFAULT_MEMORY_BUDGET),
             pending_marks: Mutex::new(BTreeSet::new()),
+            touched: Mutex::new(Touched::default()),
             pending_holds: Mutex::new(BTreeSet::new()),
             flushing: tokio::sync::Mutex::new(()),
         }
@@ -324,22 +342,64 @@ impl Target {
     }
 
     /// Lists both trees again (after a replacement, which moves many).
+    /// What this receiver changed in the cache meanwhile (a receive into
+    /// another dataset, a rename, a destroy: the cache is the truth
+    /// between listings) wins over the listing, which may have read those
+    /// datasets before the change.
     pub async fn relist(&self) -> Result<(), ZfsError> {
-        let tree = self
+        let started = {
+            let mut t = lock(&self.touched);
+            t.active += 1;
+            t.generation += 1;
+            t.generation
+        };
+        let listed = self
             .zfs
             .list_trees_with(&[&self.name, &self.buffer], &[REPLICA_PROP])
-            .await?;
-        for (name, why) in &tree.skipped {
-            tracing::warn!(%name, %why, "ignoring a dataset zfsync cannot name");
+            .await;
+        let mut cache = lock(&self.cache);
+        let mut t = lock(&self.touched);
+        t.active -= 1;
+        let result = match listed {
+            Ok(tree) => {
+                for (name, why) in &tree.skipped {
+                    tracing::warn!(%name, %why, "ignoring a dataset zfsync cannot name");
+                }
+                let mut fresh = tree.datasets;
+                for (name, _) in t.names.iter().filter(|(_, g)| **g >= started) {
+                    match cache.get(name) {
+                        Some(d) => fresh.insert(name.clone(), d.clone()),
+                        None => fresh.remove(name),
+                    };
+                }
+                *cache = fresh;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        if t.active == 0 {
+            t.names.clear();
         }
-        *lock(&self.cache) = tree.datasets;
-        Ok(())
+        result
+    }
+
+    /// Notes that the cache entry of `name` changed (with the cache
+    /// locked): a listing under way must not overwrite it.
+    fn touch<'n>(&self, names: impl IntoIterator<Item = &'n DatasetName>) {
+        let mut t = lock(&self.touched);
+        if t.active > 0 {
+            let g = t.generation;
+            for n in names {
+                t.names.insert(n.clone(), g);
+            }
+        }
     }
 
     /// Re-reads one dataset after it changed.
     pub async fn refresh(&self, ds: &DatasetName) -> Result<Option<Dataset>, ZfsError> {
         let got = self.zfs.list_dataset(ds).await?;
         let mut cache = lock(&self.cache);
+        self.touch([ds]);
         match &got {
             Some(d) => {
                 // The one-dataset listing has no user properties: keep ours.
@@ -375,7 +435,9 @@ impl Target {
 
     /// Records that `ds` now carries the replica mark.
     pub fn marked(&self, ds: &DatasetName) {
-        if let Some(d) = lock(&self.cache).get_mut(ds) {
+        let mut cache = lock(&self.cache);
+        self.touch([ds]);
+        if let Some(d) = cache.get_mut(ds) {
             d.props
                 .insert(REPLICA_PROP.to_string(), format_replica_mark());
         }
@@ -389,6 +451,7 @@ impl Target {
     /// to its newest snapshot: `written` is 0 where zfs has the property.
     pub fn received(&self, ds: &DatasetName, new: NewDataset, created: &[Snapshot]) {
         let mut cache = lock(&self.cache);
+        self.touch([ds]);
         let d = cache.entry(ds.clone()).or_insert_with(|| Dataset {
             name: ds.clone(),
             guid: 0,
@@ -402,6 +465,11 @@ impl Target {
             written: None,
         });
         let after = d.snapshots.last().map_or(0, |s| s.createtxg);
+        // (A listing made after the receive may have them already.)
+        let created: Vec<&Snapshot> = created
+            .iter()
+            .filter(|c| !d.snapshots.iter().any(|s| s.guid == c.guid))
+            .collect();
         for (txg, s) in (after + 1..).zip(created) {
             d.snapshots.push(Snapshot {
                 name: s.name.clone(),
@@ -419,14 +487,18 @@ impl Target {
 
     /// Records a rollback of `ds` to its newest snapshot.
     pub fn rolled_back(&self, ds: &DatasetName, written: Option<u64>) {
-        if let Some(d) = lock(&self.cache).get_mut(ds) {
+        let mut cache = lock(&self.cache);
+        self.touch([ds]);
+        if let Some(d) = cache.get_mut(ds) {
             d.written = written;
         }
     }
 
     /// Records that these snapshots of `ds` were destroyed.
     pub fn snapshots_destroyed(&self, ds: &DatasetName, names: &[SnapName]) {
-        if let Some(d) = lock(&self.cache).get_mut(ds) {
+        let mut cache = lock(&self.cache);
+        self.touch([ds]);
+        if let Some(d) = cache.get_mut(ds) {
             d.snapshots.retain(|s| !names.contains(&s.name));
             d.held.retain(|h| !names.iter().any(|n| n.as_str() == h));
         }
@@ -435,7 +507,9 @@ impl Target {
     /// Records the receiver's hold moving: `held` is held now, `released`
     /// are not any more.
     pub fn holds_moved(&self, ds: &DatasetName, held: Option<&SnapName>, released: &[SnapName]) {
-        if let Some(d) = lock(&self.cache).get_mut(ds) {
+        let mut cache = lock(&self.cache);
+        self.touch([ds]);
+        if let Some(d) = cache.get_mut(ds) {
             if let Some(h) = held {
                 d.held.insert(h.to_string());
             }
@@ -519,8 +593,10 @@ impl Target {
             .cloned()
             .collect();
         for old in moved {
+            self.touch([&old]);
             if let (Some(mut d), Some(rel)) = (cache.remove(&old), old.relative_to(from)) {
                 if let Ok(new) = to.join(&rel) {
+                    self.touch([&new]);
                     d.name = new.clone();
                     cache.insert(new, d);
                 }
@@ -531,7 +607,10 @@ impl Target {
     /// Records that `ds` and everything below it are gone.
     pub fn destroyed(&self, ds: &DatasetName) {
         let gone = |k: &DatasetName| k == ds || k.relative_to(ds).is_some();
-        lock(&self.cache).retain(|k, _| !gone(k));
+        let mut cache = lock(&self.cache);
+        self.touch(cache.keys().filter(|k| gone(k)));
+        cache.retain(|k, _| !gone(k));
+        drop(cache);
         lock(&self.pending_marks).retain(|k| !gone(k));
         lock(&self.pending_holds).retain(|k| !gone(k));
     }
@@ -587,6 +666,11 @@ impl Target {
             .collect();
         v.sort_by(|a, b| a.0.tree_order_key().cmp(&b.0.tree_order_key()));
         v
+    }
+
+    /// Is a connection working on `rel` now? (A peek: nothing is locked.)
+    pub fn is_busy(&self, rel: &RelPath) -> bool {
+        lock(&self.busy).contains(rel)
     }
 
     pub fn try_lock(&self, rel: &RelPath) -> Option<DatasetLock> {
@@ -667,6 +751,53 @@ mod tests {
         ]);
         let got: Vec<String> = t.buffered().iter().map(|(r, _)| r.to_string()).collect();
         assert_eq!(got, ["/a", "/a/b"]);
+    }
+
+    /// ST: what the receiver records while a listing is under way (here a
+    /// receive into one dataset, a new one, a destroy) wins over the
+    /// listing, which read the tree before.
+    #[tokio::test]
+    async fn changes_made_during_a_listing_survive_it() {
+        use zfsync_common::zfs::fake::FakeZfs;
+        let fake = FakeZfs::zfs_fuse();
+        fake.create_pool("p");
+        for d in ["p/t", "p/t/a", "p/t/gone"] {
+            fake.create(d);
+        }
+        let s1 = fake.snapshot("p/t/a", "s1");
+        let t = Target::new(ds("p/t"), std::sync::Arc::new(fake.clone()), true);
+        t.relist().await.unwrap();
+        fake.delay_listings(std::time::Duration::from_millis(200));
+        let listing = t.relist();
+        let change = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let s2 = crate::testing::snap("s2", s1.guid + 1, 0);
+            let new = NewDataset {
+                kind: "filesystem",
+                encrypted: false,
+                marked: false,
+                written: None,
+            };
+            t.received(&ds("p/t/a"), new, std::slice::from_ref(&s2));
+            t.received(&ds("p/t/b"), new, std::slice::from_ref(&s2));
+            t.destroyed(&ds("p/t/gone"));
+        };
+        let (listed, ()) = tokio::join!(listing, change);
+        listed.unwrap();
+        let names = |d: &str| -> Vec<String> {
+            t.get(&ds(d))
+                .map(|d| d.snapshots.iter().map(|s| s.name.to_string()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(names("p/t/a"), ["s1", "s2"]);
+        assert_eq!(names("p/t/b"), ["s2"]);
+        assert!(!t.exists(&ds("p/t/gone")));
+        // Once no listing is under way, a new one is the truth again.
+        fake.delay_listings(std::time::Duration::ZERO);
+        t.relist().await.unwrap();
+        assert_eq!(names("p/t/a"), ["s1"]);
+        assert!(!t.exists(&ds("p/t/b")));
+        assert!(t.exists(&ds("p/t/gone")));
     }
 
     #[test]

@@ -104,10 +104,12 @@ pub(crate) async fn sync(
     };
     let bookmarks = bookmarks(job, client.path());
     // With the plan's answer, the receiver opens the dataset with its
-    // first stream; without, it is asked now and opens it at once.
+    // first stream; without (or for a large request, see PUT_BYTES), it
+    // is asked now and opens it at once.
+    let small = crate::plan::estimate(&request) <= crate::plan::PUT_BYTES;
     let (mut reply, opened) = match &job.plan {
-        Some(reply) => (reply.clone(), false),
-        None => (
+        Some(reply) if small => (reply.clone(), false),
+        _ => (
             client
                 .sync(&request)
                 .await
@@ -126,7 +128,7 @@ pub(crate) async fn sync(
         if !opened {
             // Plan answers of this kind go the per-dataset way (see
             // `settle`); never here.
-            return Err(DatasetError::ResumeTwice);
+            return Err(DatasetError::Internal("a resume offer in the plan"));
         }
         let token = token.clone();
         reply = match resume(client, opts, job, &token, shutdown).await {
@@ -198,7 +200,7 @@ pub(crate) async fn sync(
         Some(f) => f,
         // No stream (never for a plan answer): finish the open dataset.
         None if opened => client.finish().await.map_err(DatasetError::Connection)?,
-        None => return Err(DatasetError::ResumeTwice),
+        None => return Err(DatasetError::Internal("a planned dataset without a stream")),
     };
     Ok(Status::Sent {
         kind,
@@ -244,7 +246,11 @@ fn one_step(job: &Job, path: SendPath) -> Option<(Decision, SendKind, usize)> {
 /// Can `job` go out with [`launch`]?
 pub(crate) fn launchable(job: &Job, opts: &Options, path: SendPath) -> bool {
     let sendable = !job.dataset.snapshots.is_empty() && (path.raw || !job.dataset.encrypted);
-    !opts.dry_run && sendable && one_step(job, path).is_some()
+    let small = || {
+        request(job, opts, path, "")
+            .is_ok_and(|r| crate::plan::estimate(&r) <= crate::plan::PUT_BYTES)
+    };
+    !opts.dry_run && sendable && one_step(job, path).is_some() && small()
 }
 
 /// Sends a dataset the plan said takes one stream ([`launchable`]):
@@ -260,10 +266,10 @@ pub(crate) async fn launch(
     let request = match request(job, opts, path, &client.peer_caps().version) {
         Ok(r) => r,
         Err(Err(e)) => return Err(e),
-        Err(Ok(_)) => return Err(DatasetError::ResumeTwice),
+        Err(Ok(_)) => return Err(DatasetError::Internal("launched with nothing to send")),
     };
     let Some((decision, kind, count)) = one_step(job, path) else {
-        return Err(DatasetError::ResumeTwice);
+        return Err(DatasetError::Internal("launched without a one-step plan"));
     };
     if let Decision::Full { reason, .. } = &decision {
         tracing::warn!(dataset = %job.dataset.name, "replacing the receiver's copy (--full): {reason}");

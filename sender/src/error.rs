@@ -77,6 +77,10 @@ pub enum DatasetError {
     /// A name built from the listing or a token is not valid.
     #[error(transparent)]
     Name(NameError),
+    /// A state this side never produces (a bug): reported, the connection
+    /// kept.
+    #[error("internal error: {0}; please report it")]
+    Internal(&'static str),
     /// The run was stopped (shutdown token, SIGTERM/SIGINT) between
     /// streams, or mid-stream (the stream was aborted).
     #[error("stopped: the run was stopped before this dataset was done (whole snapshots already received are kept; the next run goes on from there)")]
@@ -113,7 +117,8 @@ impl DatasetError {
             | DatasetError::Stream { .. }
             | DatasetError::Zfs(_)
             | DatasetError::ResumeToken(_)
-            | DatasetError::Name(_) => Class::Permanent,
+            | DatasetError::Name(_)
+            | DatasetError::Internal(_) => Class::Permanent,
         }
     }
 

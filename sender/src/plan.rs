@@ -20,8 +20,14 @@ pub(crate) const PLAN_BYTES: usize = 1 << 20;
 /// Most datasets in one plan request (the receiver takes 4096).
 pub(crate) const PLAN_DATASETS: usize = 2048;
 
+/// A dataset whose sync request is larger than this (estimated) is asked
+/// about with `Sync` first rather than opened by its stream's `Put`: the
+/// receiver reads a message over 64 KiB only when its memory budget has
+/// room, and a `Put` it had to refuse would leave its data unexpected.
+pub(crate) const PUT_BYTES: usize = 48 << 10;
+
 /// About what a request's JSON takes.
-fn estimate(req: &SyncRequest) -> usize {
+pub(crate) fn estimate(req: &SyncRequest) -> usize {
     let snap = |s: &zfsync_common::protocol::WireSnap| s.name.len() + 64;
     64 + req.path.len()
         + req.snapshots.iter().map(snap).sum::<usize>()

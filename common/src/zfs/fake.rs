@@ -218,6 +218,13 @@ impl FakeZfs {
         self.st().delay = Some(delay).filter(|d| !d.is_zero());
     }
 
+    /// Every listing reads the tree at once, then takes this long to
+    /// return it (as `zfs get -r` of a large tree does): what changed
+    /// meanwhile is not in it.
+    pub fn delay_listings(&self, delay: Duration) {
+        self.st().list_delay = Some(delay).filter(|d| !d.is_zero());
+    }
+
     /// Sets (or clears) a dataset's `receive_resume_token`, as a cut
     /// `zfs receive -s` would leave it.
     pub fn set_resume_token(&self, name: &str, token: Option<&str>) {

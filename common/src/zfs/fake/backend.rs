@@ -40,18 +40,25 @@ impl ZfsBackend for FakeZfs {
             args.push(' ');
             args.push_str(r.as_str());
         }
-        let mut st = self.st();
-        st.call("list", &args)?;
-        let mut tree = Tree::default();
-        for (name, d) in &st.ds {
-            let listed = match depth {
-                Some(_) => roots.contains(&name),
-                None => roots.iter().any(|r| under(name, r)),
-            };
-            if listed {
-                tree.datasets
-                    .insert(name.clone(), st.view(name, d, user_props, false));
+        let (tree, delay) = {
+            let mut st = self.st();
+            st.call("list", &args)?;
+            let mut tree = Tree::default();
+            for (name, d) in &st.ds {
+                let listed = match depth {
+                    Some(_) => roots.contains(&name),
+                    None => roots.iter().any(|r| under(name, r)),
+                };
+                if listed {
+                    tree.datasets
+                        .insert(name.clone(), st.view(name, d, user_props, false));
+                }
             }
+            (tree, st.list_delay)
+        };
+        // What was read stays as read while the listing takes its time.
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
         }
         Ok(tree)
     }

@@ -62,6 +62,8 @@ pub(super) struct State {
     pub(super) calls: Vec<String>,
     pub(super) faults: Vec<Fault>,
     pub(super) delay: Option<Duration>,
+    /// How long a listing takes after it read the tree.
+    pub(super) list_delay: Option<Duration>,
     /// Destinations of running receives (a count per name).
     pub(super) receiving: BTreeMap<DatasetName, usize>,
     /// Resume tokens `zfs send -t` knows ([`super::FakeZfs::register_resume_token`]).
