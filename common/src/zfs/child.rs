@@ -27,6 +27,23 @@ pub type ChildReader = Box<dyn AsyncRead + Send + Unpin>;
 /// The stream a `zfs receive` reads.
 pub type ChildWriter = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// The pipe of a stream (`zfs send`'s output, `zfs receive`'s input)
+/// holds [`PIPE_BYTES`] rather than the default 64 KiB (Linux): zfs goes
+/// on while zfsync is busy with the network, and each side makes fewer,
+/// larger reads and writes. Best effort: a host limit
+/// (`/proc/sys/fs/pipe-max-size`) leaves the default.
+#[cfg(target_os = "linux")]
+fn widen_pipe(fd: &impl std::os::fd::AsRawFd) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+}
+
+#[cfg(not(target_os = "linux"))]
+fn widen_pipe<T>(_: &T) {}
+
+/// See [`widen_pipe`]: four of the sender's data frames.
+const PIPE_BYTES: i32 = 1 << 20;
+
 /// What runs behind a [`ZfsChild`].
 enum Inner {
     /// A real process and the task draining its stderr.
@@ -52,6 +69,12 @@ pub struct ZfsChild {
 impl ZfsChild {
     /// Wraps a spawned process; its stderr must be piped.
     pub(crate) fn process(argv: String, mut child: Child) -> ZfsChild {
+        if let Some(s) = &child.stdout {
+            widen_pipe(s);
+        }
+        if let Some(s) = &child.stdin {
+            widen_pipe(s);
+        }
         let stdout = child.stdout.take().map(|s| Box::new(s) as ChildReader);
         let stdin = child.stdin.take().map(|s| Box::new(s) as ChildWriter);
         let stderr = match child.stderr.take() {
