@@ -178,6 +178,18 @@ pub async fn run_with(
     });
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // Sets batches of marks and holds while receives go on.
+    tracker.spawn({
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = shared.target.flush_soon.notified() => finish::flush(&shared.target).await,
+                }
+            }
+        }
+    });
     // Sessions are limited after authentication, so that unauthenticated
     // peers cannot take the senders' places; handshakes have their own
     // places, where a newcomer closes the oldest socket of the source that

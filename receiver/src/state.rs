@@ -81,6 +81,9 @@ pub struct Target {
     /// listing saw, and is kept over it (see [`Target::relist`]). Locked
     /// after the cache, never before.
     touched: Mutex<Touched>,
+    /// Woken when [`FLUSH_SOON`] marks or holds are pending: the daemon's
+    /// flusher task sets them (`finish::flush`) while receives go on.
+    pub flush_soon: tokio::sync::Notify,
     /// Datasets whose receiver hold is to move to their newest snapshot,
     /// in one `zfs hold` and one `zfs release` for all. As above.
     pending_holds: Mutex<BTreeSet<DatasetName>>,
@@ -94,6 +97,10 @@ pub struct Target {
 /// Pending marks or holds beyond this many are set at once, not at the
 /// end of the connection.
 pub const PENDING_MAX: usize = 256;
+/// Pending marks or holds from which the daemon's background flusher
+/// sets them while receives go on (a new tree's first run: the `zfs set`
+/// calls overlap the receives instead of following them).
+pub const FLUSH_SOON: usize = 16;
 
 /// The receiver's default memory budget (`--memory-budget`).
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
@@ -300,6 +307,7 @@ impl Target {
             budget: MemoryBudget::new(DEFAULT_MEMORY_BUDGET),
             pending_marks: Mutex::new(BTreeSet::new()),
             touched: Mutex::new(Touched::default()),
+            flush_soon: tokio::sync::Notify::new(),
             pending_holds: Mutex::new(BTreeSet::new()),
             flushing: tokio::sync::Mutex::new(()),
         }
@@ -522,7 +530,17 @@ impl Target {
     pub fn mark_later(&self, ds: &DatasetName) -> bool {
         let mut p = lock(&self.pending_marks);
         p.insert(ds.clone());
-        p.len() >= PENDING_MAX
+        self.soon(p.len())
+    }
+
+    /// Asks the background flusher (see [`Target::flush_soon`]) to set a
+    /// batch of `pending` while receives go on; true when the batch is
+    /// full and the caller sets it now.
+    fn soon(&self, pending: usize) -> bool {
+        if pending >= FLUSH_SOON {
+            self.flush_soon.notify_one();
+        }
+        pending >= PENDING_MAX
     }
 
     /// `ds`'s hold is to move to its newest snapshot (batched); true when
@@ -530,7 +548,7 @@ impl Target {
     pub fn hold_later(&self, ds: &DatasetName) -> bool {
         let mut p = lock(&self.pending_holds);
         p.insert(ds.clone());
-        p.len() >= PENDING_MAX
+        self.soon(p.len())
     }
 
     /// The pending marks, taken.
