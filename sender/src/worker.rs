@@ -3,10 +3,11 @@
 //! run is stopped, and decides by the failure's class what becomes of a
 //! dataset that failed (tried again later in the run, or reported).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use zfsync_common::client::{Client, ClientError, ClientOptions};
 use zfsync_common::naming::RelPath;
@@ -42,6 +43,14 @@ pub(crate) struct Queue {
     jobs: Mutex<VecDeque<Job>>,
     /// Pushed by whichever worker finished a dataset.
     done: Mutex<Vec<Outcome>>,
+    /// New datasets on their way, by the worker sending them: a child of
+    /// one waits for it (or goes after it on the same connection, which
+    /// the receiver serves in order) rather than arrive first and go
+    /// through the buffer, to be renamed into place at cleanbuffer.
+    new_in_flight: Mutex<HashMap<RelPath, usize>>,
+    /// Woken when a dataset leaves a worker (done, failed, back in the
+    /// queue): what waited for it may go.
+    settled: Notify,
     /// Datasets still busy after their tries, kept for a second pass after
     /// cleanbuffer (`None`: this is the second pass, report them). Their
     /// parent may be in the buffer until then (a child whose buffer name
@@ -60,6 +69,8 @@ impl Queue {
         Queue {
             jobs: Mutex::new(jobs.into()),
             done: Mutex::new(Vec::new()),
+            new_in_flight: Mutex::new(HashMap::new()),
+            settled: Notify::new(),
             deferred: defer.then(|| Mutex::new(Vec::new())),
         }
     }
@@ -92,16 +103,50 @@ impl Queue {
         lock(&self.jobs).len()
     }
 
-    fn pop(&self) -> Option<Job> {
-        lock(&self.jobs).pop_front()
+    /// The first job `worker` may take: not one whose parent is a new
+    /// dataset another worker is sending, or still in the queue.
+    fn pop(&self, worker: usize) -> Pop {
+        let mut jobs = lock(&self.jobs);
+        if jobs.is_empty() {
+            return Pop::Empty;
+        }
+        let mut flying = lock(&self.new_in_flight);
+        let mut waiting: HashSet<&RelPath> = HashSet::new();
+        let mut found = None;
+        for (i, job) in jobs.iter().enumerate() {
+            let blocked = job.rel.parent().is_some_and(|p| {
+                waiting.contains(&p) || flying.get(&p).is_some_and(|w| *w != worker)
+            });
+            if !blocked {
+                found = Some(i);
+                break;
+            }
+            waiting.insert(&job.rel);
+        }
+        let Some(job) = found.and_then(|i| jobs.remove(i)) else {
+            return Pop::Wait;
+        };
+        if let Some(SyncReply::New { .. }) = job.plan {
+            flying.insert(job.rel.clone(), worker);
+        }
+        Pop::Job(Box::new(job))
+    }
+
+    /// `rel` left its worker: what waited for it may go.
+    fn release(&self, rel: &RelPath) {
+        if lock(&self.new_in_flight).remove(rel).is_some() {
+            self.settled.notify_waiters();
+        }
     }
 
     fn push_back(&self, job: Job) {
+        self.release(&job.rel);
         lock(&self.jobs).push_back(job);
     }
 
     /// Back to the front: not started (its connection was lost first).
     fn push_front(&self, job: Job) {
+        self.release(&job.rel);
         lock(&self.jobs).push_front(job);
     }
 
@@ -116,6 +161,14 @@ impl Queue {
             lock(&self.jobs).drain(..).collect(),
         )
     }
+}
+
+/// What [`Queue::pop`] has for a worker.
+enum Pop {
+    Job(Box<Job>),
+    /// Every job left waits for a parent another worker is sending.
+    Wait,
+    Empty,
 }
 
 /// Connects, unless the run is stopped first (`None`).
@@ -192,15 +245,26 @@ pub(crate) async fn worker(
         let Some(c) = client.as_mut() else {
             return;
         };
-        let Some(job) = queue.pop() else {
-            // The last answer may put its dataset back in the queue.
-            if flight.is_some() {
+        let job = match queue.pop(id) {
+            Pop::Job(job) => *job,
+            // The last answer may put its dataset back in the queue; it
+            // may be the parent others wait for.
+            Pop::Empty | Pop::Wait if flight.is_some() => {
                 if land(id, c, queue, flight.take()).await {
                     client = None;
                 }
                 continue;
             }
-            break;
+            Pop::Empty => break,
+            Pop::Wait => {
+                let settled = queue.settled.notified();
+                tokio::select! {
+                    _ = settled => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
         };
         if dataset::launchable(&job, opts, c.path()) {
             let launched = dataset::launch(c, opts, &job, shutdown).await;
@@ -272,6 +336,7 @@ async fn land(id: usize, c: &mut Client, queue: &Queue, flight: Option<(Job, Fli
 /// Records what became of a dataset, or puts it back in the queue (busy,
 /// see [`then`]); true when the connection is lost.
 fn conclude(id: usize, queue: &Queue, mut job: Job, result: Result<Status, DatasetError>) -> bool {
+    queue.release(&job.rel);
     let mut lost = false;
     let status = match result {
         Ok(status) => status,
@@ -313,6 +378,55 @@ mod tests {
 
     use super::*;
     use crate::error::StreamFailure;
+
+    fn new_job(rel: &str) -> Job {
+        let rel = RelPath::new(rel).unwrap();
+        let name = zfsync_common::naming::DatasetName::new(&format!("p{}", rel.as_str())).unwrap();
+        Job {
+            rel,
+            dataset: Dataset {
+                name,
+                guid: 1,
+                kind: "filesystem".into(),
+                snapshots: Vec::new(),
+                props: Default::default(),
+                held: Default::default(),
+                bookmarks: Vec::new(),
+                resume_token: None,
+                encrypted: false,
+                written: None,
+            },
+            tries: 0,
+            plan: Some(SyncReply::New { buffered: false }),
+        }
+    }
+
+    fn took(p: Pop) -> String {
+        match p {
+            Pop::Job(j) => j.rel.as_str().to_string(),
+            Pop::Wait => "wait".into(),
+            Pop::Empty => "empty".into(),
+        }
+    }
+
+    #[test]
+    fn a_new_datasets_children_wait_for_it_or_follow_it_on_its_connection() {
+        let q = Queue::new(
+            ["", "/a", "/a/b", "/c"].map(new_job).into_iter().collect(),
+            false,
+        );
+        assert_eq!(took(q.pop(0)), "");
+        // Every other job's parent is on its way (or still queued).
+        assert_eq!(took(q.pop(1)), "wait");
+        // Worker 0 sends the children after their parent.
+        assert_eq!(took(q.pop(0)), "/a");
+        q.release(&RelPath::new("").unwrap());
+        assert_eq!(took(q.pop(1)), "/c");
+        assert_eq!(took(q.pop(1)), "wait");
+        q.release(&RelPath::new("/a").unwrap());
+        assert_eq!(took(q.pop(1)), "/a/b");
+        assert_eq!(took(q.pop(1)), "empty");
+    }
 
     #[test]
     fn what_becomes_of_a_failure() {
