@@ -147,20 +147,7 @@ fn a_tree_costs_one_plan_and_a_dataset_one_put() {
 /// Streams `zfs send [-i from] ds@to` as the data of an eager stream the
 /// caller announced; returns the byte count.
 async fn pump_send(client: &mut Client, ds: &str, from: Option<&str>, to: &str) -> u64 {
-    let mut cmd = tokio::process::Command::new(zfs_path());
-    cmd.arg("send");
-    if let Some(f) = from {
-        cmd.args(["-i", &format!("{ds}@{f}")]);
-    }
-    cmd.arg(format!("{ds}@{to}"));
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("zfs send");
-    let mut out = child.stdout.take().expect("stdout");
-    let n = client.pump(&mut out, |_| {}).await.expect("pump");
-    assert!(child.wait().await.expect("wait").success());
-    n
+    pump_zfs_send(client, ds, from.map(|f| ("-i", f)), to).await
 }
 
 fn wire(s: &zfsync_common::zfs::Snapshot) -> WireSnap {

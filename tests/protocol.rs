@@ -28,19 +28,8 @@ async fn stream(client: &mut Client, ds: &str, from: Option<&Snapshot>, to: &Sna
         .begin_stream(from.map(|f| f.guid), to)
         .await
         .expect("stream accepted");
-    let mut cmd = tokio::process::Command::new("zfs");
-    cmd.arg("send");
-    if let Some(f) = from {
-        cmd.args(["-I", &format!("{ds}@{}", f.name)]);
-    }
-    cmd.arg(format!("{ds}@{}", to.name));
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("zfs send");
-    let mut out = child.stdout.take().expect("stdout");
-    let n = client.pump(&mut out, |_| {}).await.expect("pump");
-    assert!(child.wait().await.expect("wait").success());
+    let base = from.map(|f| ("-I", f.name.as_str()));
+    let n = pump_zfs_send(client, ds, base, to.name.as_str()).await;
     client.end_stream(n).await.expect("received");
     n
 }

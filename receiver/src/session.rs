@@ -432,28 +432,40 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 .into());
             }
         };
+        Ok(match self.receive(&plan).await? {
+            Stored::Received { .. } if eager.finish => match self.on_finish().await? {
+                FinishReply::Done(f) => Landed::Done(f),
+                FinishReply::Refused { reason, temporary } => Landed::Refused { reason, temporary },
+            }
+            .into(),
+            stored => stored.into(),
+        })
+    }
+
+    /// Receives the open dataset's checked stream: the answer to its
+    /// `End` (`Err` only when the connection is unusable).
+    async fn receive(&mut self, plan: &ingest::Planned) -> Result<Stored, ProtocolError> {
+        let Some(Held { open, .. }) = self.open.as_ref() else {
+            return Err(ProtocolError::Local(
+                "internal error: no open dataset".into(),
+            ));
+        };
         let received = ingest::receive(
             self.target,
             &mut self.link,
             &self.peer,
             &self.peer_caps,
             open,
-            &plan,
+            plan,
         );
-        Ok(match received.await {
-            Ok(_) if eager.finish => match self.on_finish().await? {
-                FinishReply::Done(f) => Landed::Done(f),
-                FinishReply::Refused { reason, temporary } => Landed::Refused { reason, temporary },
-            }
-            .into(),
-            Ok(bytes) => Stored::Received { bytes }.into(),
-            Err(IngestError::Protocol(e)) => return Err(e),
-            Err(e) => Stored::Failed {
+        match received.await {
+            Ok(bytes) => Ok(Stored::Received { bytes }),
+            Err(IngestError::Protocol(e)) => Err(e),
+            Err(e) => Ok(Stored::Failed {
                 temporary: e.is_temporary(),
                 reason: e.to_string(),
-            }
-            .into(),
-        })
+            }),
+        }
     }
 
     /// `admitted`: what reading the request's frame was granted, if it
@@ -547,23 +559,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             }
         };
         self.link.conn.send(StreamReply::Ready.into()).await?;
-        let received = ingest::receive(
-            self.target,
-            &mut self.link,
-            &self.peer,
-            &self.peer_caps,
-            open,
-            &plan,
-        );
-        Ok(match received.await {
-            Ok(bytes) => Stored::Received { bytes },
-            Err(IngestError::Protocol(e)) => return Err(e),
-            Err(e) => Stored::Failed {
-                temporary: e.is_temporary(),
-                reason: e.to_string(),
-            },
-        }
-        .into())
+        Ok(self.receive(&plan).await?.into())
     }
 
     async fn on_finish(&mut self) -> Result<FinishReply, ProtocolError> {

@@ -697,6 +697,28 @@ pub async fn raw_stream(
     c.end_stream(end_bytes).await.map_err(|e| e.to_string())
 }
 
+/// Pipes `zfs send [FLAG BASE] ds@to` (`from`: `("-I", "s1")`, say)
+/// through `c` as the data of a stream the caller announced, and waits
+/// for `zfs send`; returns the byte count.
+pub async fn pump_zfs_send(
+    c: &mut zfsync_common::client::Client,
+    ds: &str,
+    from: Option<(&str, &str)>,
+    to: &str,
+) -> u64 {
+    let mut cmd = tokio::process::Command::new(zfs_path());
+    cmd.arg("send");
+    if let Some((flag, base)) = from {
+        cmd.args([flag, &format!("{ds}@{base}")]);
+    }
+    cmd.arg(format!("{ds}@{to}"));
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("zfs send");
+    let mut out = child.stdout.take().expect("stdout");
+    let n = c.pump(&mut out, |_| {}).await.expect("pump");
+    assert!(child.wait().await.expect("wait").success());
+    n
+}
+
 /// A `--zfs` wrapper script `name` in `dir`: a call for which the bash
 /// test `when` holds (the call's arguments are `"$@"`, `$1` its
 /// subcommand) runs `then` instead (which exits, or execs); every other
