@@ -42,6 +42,7 @@ fn widen_pipe(fd: &impl std::os::fd::AsRawFd) {
 fn widen_pipe<T>(_: &T) {}
 
 /// See [`widen_pipe`]: four of the sender's data frames.
+#[cfg(target_os = "linux")]
 const PIPE_BYTES: i32 = 1 << 20;
 
 /// What runs behind a [`ZfsChild`].
