@@ -77,7 +77,7 @@ fn a_tree_sent_compressed_arrives_identical_and_smaller_on_the_wire() {
     assert_eq!(snapshot_guids(&dst), snapshot_guids(&src), "{}", run.dump());
     assert_same_files(&src, &dst, "s1");
     assert_same_files(&src, &dst, "s2");
-    assert!(recv.log().contains("received"), "{}", recv.log());
+    recv.wait_for_log("received", 1, Duration::from_secs(10));
 }
 
 /// --compress with --compress-level: a bad level is refused naming the range; the highest level works.
