@@ -272,11 +272,6 @@ impl Client {
         Ok(())
     }
 
-    /// Answers owed for streams ended with [`Client::end_deferred`].
-    pub fn owes(&self) -> usize {
-        self.owed + self.early.len()
-    }
-
     /// The oldest owed answer, as [`Client::end_landed`] gives it.
     pub async fn owed_reply(&mut self) -> Result<Finished, ClientError> {
         let m = match self.early.pop_front() {

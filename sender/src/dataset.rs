@@ -106,7 +106,7 @@ pub(crate) async fn sync(
     // With the plan's answer, the receiver opens the dataset with its
     // first stream; without (or for a large request, see PUT_BYTES), it
     // is asked now and opens it at once.
-    let small = crate::plan::estimate(&request) <= crate::plan::PUT_BYTES;
+    let small = crate::plan::fits_put(&request);
     let (mut reply, opened) = match &job.plan {
         Some(reply) if small => (reply.clone(), false),
         _ => (
@@ -245,12 +245,9 @@ fn one_step(job: &Job, path: SendPath) -> Option<(Decision, SendKind, usize)> {
 
 /// Can `job` go out with [`launch`]?
 pub(crate) fn launchable(job: &Job, opts: &Options, path: SendPath) -> bool {
-    let sendable = !job.dataset.snapshots.is_empty() && (path.raw || !job.dataset.encrypted);
-    let small = || {
-        request(job, opts, path, "")
-            .is_ok_and(|r| crate::plan::estimate(&r) <= crate::plan::PUT_BYTES)
-    };
-    !opts.dry_run && sendable && one_step(job, path).is_some() && small()
+    !opts.dry_run
+        && one_step(job, path).is_some()
+        && request(job, opts, path, "").is_ok_and(|r| crate::plan::fits_put(&r))
 }
 
 /// Sends a dataset the plan said takes one stream ([`launchable`]):

@@ -24,10 +24,15 @@ pub(crate) const PLAN_DATASETS: usize = 2048;
 /// about with `Sync` first rather than opened by its stream's `Put`: the
 /// receiver reads a message over 64 KiB only when its memory budget has
 /// room, and a `Put` it had to refuse would leave its data unexpected.
-pub(crate) const PUT_BYTES: usize = 48 << 10;
+const PUT_BYTES: usize = 48 << 10;
+
+/// Can `req` travel in a `Put` (see [`PUT_BYTES`])?
+pub(crate) fn fits_put(req: &SyncRequest) -> bool {
+    estimate(req) <= PUT_BYTES
+}
 
 /// About what a request's JSON takes.
-pub(crate) fn estimate(req: &SyncRequest) -> usize {
+fn estimate(req: &SyncRequest) -> usize {
     let snap = |s: &zfsync_common::protocol::WireSnap| s.name.len() + 64;
     64 + req.path.len()
         + req.snapshots.iter().map(snap).sum::<usize>()
